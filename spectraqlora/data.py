@@ -1,0 +1,197 @@
+"""Datasets (synthetic, local files, hub) and their tokenization per task.
+
+Every source ends as a DatasetDict with `train` and `eval` splits of raw rows; `tokenize` turns
+them into model inputs: `input_ids`, `attention_mask` and `labels` (a class id, or token ids with
+-100 on prompt tokens so causal LMs learn the response only).
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
+
+from spectraqlora.config import DatasetConfig, Task
+from spectraqlora.errors import UserError
+
+IGNORE_INDEX = -100
+LABEL_NAMES = ("negative", "positive")
+_POSITIVE = ["great", "excellent", "wonderful", "delightful", "superb", "pleasant", "fantastic",
+             "lovely", "charming", "generous"]
+_NEGATIVE = ["awful", "terrible", "dreadful", "horrible", "poor", "disappointing", "bland",
+             "rude", "noisy", "stale"]
+_ASPECTS = ["food", "service", "staff", "music", "room", "price", "view", "coffee", "dessert",
+            "waiter", "menu", "bread", "location", "wine", "breakfast", "terrace"]
+_FILES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def _clause(rng: random.Random) -> tuple[str, int]:
+    positive = rng.random() < 0.5
+    adjective = rng.choice(_POSITIVE if positive else _NEGATIVE)
+    negated = rng.random() < 0.4
+    verb = rng.choice(["was", "is"]) + (" not" if negated else "")
+    return f"the {rng.choice(_ASPECTS)} {verb} {adjective}", int(positive != negated)
+
+
+def synthetic_review(rng: random.Random) -> tuple[str, int]:
+    """One review and its sentiment (1 positive). Needs composition, not only word lookup:
+    a negation flips a clause ("the food was not great"), and after "but" the second clause
+    decides ("the view is lovely but the service was not pleasant" is negative)."""
+    first, label = _clause(rng)
+    kind = rng.random()
+    if kind < 0.35:
+        return first, label
+    second, second_label = _clause(rng)
+    if kind < 0.75:
+        return f"{first} but {second}", second_label
+    while second_label != label:  # "and" joins clauses of one sentiment
+        second, second_label = _clause(rng)
+    return f"{first} and {second}", label
+
+
+def synthetic(n_train: int, n_eval: int, seed: int) -> DatasetDict:
+    """Deterministic by seed; train and eval hold disjoint texts."""
+    rng = random.Random(seed)
+    rows: dict[str, int] = {}
+    while len(rows) < n_train + n_eval:
+        text, label = synthetic_review(rng)
+        rows.setdefault(text, label)
+    texts, labels = list(rows), list(rows.values())
+
+    def split(lo: int, hi: int) -> Dataset:
+        return Dataset.from_dict(
+            {
+                "text": texts[lo:hi],
+                "label": labels[lo:hi],
+                "prompt": [f"Review: {t}\nSentiment:" for t in texts[lo:hi]],
+                "response": [f" {LABEL_NAMES[y]}" for y in labels[lo:hi]],
+            },
+            features=features,
+        )
+
+    features = Features(text=Value("string"), label=ClassLabel(names=list(LABEL_NAMES)),
+                        prompt=Value("string"), response=Value("string"))
+
+    return DatasetDict(train=split(0, n_train), eval=split(n_train, n_train + n_eval))
+
+
+def load(cfg: DatasetConfig, task: Task, seed: int) -> DatasetDict:
+    """Raw train/eval rows from the configured source, with the task's columns checked."""
+    if cfg.path == "synthetic":
+        data = synthetic(cfg.train_size or 2000, cfg.eval_size, seed)
+    else:
+        data = _load_source(cfg, seed)
+    _check_columns(data, cfg, task)
+    return data
+
+
+def _load_source(cfg: DatasetConfig, seed: int) -> DatasetDict:
+    import datasets
+
+    path = Path(cfg.path).expanduser()
+    try:
+        if path.suffix in _FILES:
+            if not path.is_file():
+                raise UserError(f"dataset.path={cfg.path}: no such file")
+            if path.stat().st_size == 0:
+                raise UserError(f"dataset.path={cfg.path} is empty")
+            source = datasets.load_dataset(_FILES[path.suffix], data_files=str(path))
+        elif path.exists():
+            raise UserError(f"dataset.path={cfg.path}: expected a {'/'.join(_FILES)} file")
+        else:
+            source = datasets.load_dataset(cfg.path)
+    except UserError:
+        raise
+    except Exception as exc:  # datasets raises many kinds; the first line says which
+        raise UserError(f"dataset.path={cfg.path} could not be loaded: {str(exc).splitlines()[0]}") from exc
+    if cfg.train_split not in source:
+        raise UserError(f"dataset.train_split={cfg.train_split} is not a split of {cfg.path}; "
+                        f"it has: {', '.join(source)}")
+    train = source[cfg.train_split]
+    if len(train) == 0:
+        raise UserError(f"dataset.path={cfg.path} has no rows in split {cfg.train_split}")
+    if cfg.eval_split:
+        if cfg.eval_split not in source:
+            raise UserError(f"dataset.eval_split={cfg.eval_split} is not a split of {cfg.path}; "
+                            f"it has: {', '.join(source)}")
+        evaluation = source[cfg.eval_split]
+        evaluation = evaluation.select(range(min(cfg.eval_size, len(evaluation))))
+    else:
+        if len(train) < 2:
+            raise UserError(f"dataset.path={cfg.path} has too few rows to hold out an eval split")
+        held = train.train_test_split(test_size=min(cfg.eval_size, len(train) // 2), seed=seed)
+        train, evaluation = held["train"], held["test"]
+    if cfg.train_size:
+        train = train.select(range(min(cfg.train_size, len(train))))
+    return DatasetDict(train=train, eval=evaluation)
+
+
+def _check_columns(data: DatasetDict, cfg: DatasetConfig, task: Task) -> None:
+    if task is Task.classification:
+        needed = [cfg.text_column, cfg.label_column]
+    elif cfg.prompt_template:
+        needed = [cfg.response_column]
+    else:
+        needed = [cfg.prompt_column, cfg.response_column]
+    columns = data["train"].column_names
+    missing = [c for c in needed if c not in columns]
+    if missing:
+        keys = {cfg.text_column: "text_column", cfg.label_column: "label_column",
+                cfg.prompt_column: "prompt_column", cfg.response_column: "response_column"}
+        named = ", ".join(f"dataset.{keys[c]}={c}" for c in missing)
+        raise UserError(f"the dataset has no column for {named}; its columns are: "
+                        f"{', '.join(columns)}")
+
+
+def label_names(data: DatasetDict, cfg: DatasetConfig) -> list[str]:
+    """Class names: the ClassLabel's names, else the sorted distinct values."""
+    feature = data["train"].features[cfg.label_column]
+    if isinstance(feature, ClassLabel):
+        return list(feature.names)
+    return sorted({str(v) for v in data["train"][cfg.label_column]})
+
+
+def tokenize(data: DatasetDict, tokenizer, cfg: DatasetConfig, task: Task) -> DatasetDict:
+    """Model inputs for the task; raw columns are dropped."""
+    if task is Task.classification:
+        names = label_names(data, cfg)
+        as_id = {n: i for i, n in enumerate(names)}
+        numeric = isinstance(data["train"].features[cfg.label_column], ClassLabel)
+
+        def encode(row):
+            enc = tokenizer(row[cfg.text_column], truncation=True, max_length=cfg.max_length)
+            enc["labels"] = row[cfg.label_column] if numeric else as_id[str(row[cfg.label_column])]
+            return enc
+    else:
+
+        def encode(row):
+            prompt = cfg.prompt_template.format(**row) if cfg.prompt_template else row[cfg.prompt_column]
+            return _prompt_response(tokenizer, prompt, row[cfg.response_column], cfg.max_length, task)
+
+    return DatasetDict({
+        split: rows.map(encode, remove_columns=rows.column_names, desc=f"tokenize {split}")
+        for split, rows in data.items()
+    })
+
+
+def _prompt_response(tokenizer, prompt: str, response: str, max_length: int, task: Task) -> dict:
+    """Causal LM: prompt + response + eos with the prompt masked out of the labels.
+    Seq2seq: the prompt is the encoder input, the response the labels."""
+    p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    r = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    if task is Task.seq2seq:
+        return {"input_ids": p[:max_length], "attention_mask": [1] * min(len(p), max_length),
+                "labels": r[:max_length]}
+    if tokenizer.bos_token_id is not None:
+        p = [tokenizer.bos_token_id] + p
+    ids = (p + r)[:max_length]
+    labels = ([IGNORE_INDEX] * len(p) + r)[:max_length]
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+
+
+def collator(tokenizer, task: Task):
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding
+
+    if task is Task.classification:
+        return DataCollatorWithPadding(tokenizer)
+    return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX)

@@ -1,0 +1,50 @@
+"""`python -m spectraqlora.evaluate run_dir=<finished run dir>`: reload base + adapter, re-evaluate.
+
+Uses the run's own config (.hydra/config.yaml) for model, quantization and data, prints the
+metrics beside those the run recorded and writes them to <run_dir>/eval_metrics.json.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from spectraqlora import checkpoint, data, modeling, rundir, training
+from spectraqlora.config import CONF_DIR, Task, load_run_config
+from spectraqlora.errors import UserError, exit_on_user_error
+
+log = logging.getLogger("spectraqlora.evaluate")
+
+
+def evaluate_run(run_dir: Path) -> dict:
+    run_dir = Path(run_dir)
+    if not (run_dir / rundir.METRICS).is_file():
+        raise UserError(f"{run_dir} is not a finished run: it has no {rundir.METRICS}")
+    cfg = load_run_config(run_dir)
+    cfg.logger.name = "none"  # a re-evaluation is not a new W&B run
+    path = checkpoint.resolve(cfg.model)
+    tokenizer = modeling.load_tokenizer(path, cfg.model)
+    raw = data.load(cfg.dataset, cfg.model.task, cfg.seed)
+    tokenized = data.tokenize(raw, tokenizer, cfg.dataset, cfg.model.task)
+    labels = data.label_names(raw, cfg.dataset) if cfg.model.task is Task.classification else None
+    base = modeling.load_base(path, cfg.model, cfg.quant, tokenizer, len(labels) if labels else None)
+    net = modeling.load_adapter(base, run_dir / rundir.ADAPTER)
+    trainer = training.build_trainer(net, tokenized, tokenizer, cfg, run_dir)
+    metrics = training.evaluate(trainer, cfg.model.task)
+    recorded = rundir.read_json(run_dir / rundir.METRICS)
+    for key, value in metrics.items():
+        log.info("%-16s %.6f (run recorded %.6f)", key, value, recorded.get(key, float("nan")))
+    rundir.write_json(run_dir / "eval_metrics.json", metrics)
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    with exit_on_user_error():
+        evaluate_run(Path(cfg.run_dir))
+
+
+if __name__ == "__main__":
+    main()

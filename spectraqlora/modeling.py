@@ -1,0 +1,128 @@
+"""Load the base model quantized by bitsandbytes and put LoRA adapters on exactly the selected modules."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from spectraqlora.config import LoraConfig, ModelConfig, Quant, QuantConfig, Task
+from spectraqlora.errors import UserError
+
+
+def device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def load_tokenizer(path: Path, model: ModelConfig):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model.trust_remote_code)
+    if tokenizer.pad_token is None:  # Llama and friends ship none; padding is masked anyway
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def bnb_config(quant: QuantConfig, model: ModelConfig):
+    from transformers import BitsAndBytesConfig
+
+    skip = list(model.skip_quant_modules)
+    if quant.mode is Quant.none:
+        return None
+    if quant.mode is Quant.int8:
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.mode.value,
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=getattr(torch, quant.compute_dtype or model.dtype),
+        llm_int8_skip_modules=skip,
+    )
+
+
+def load_base(path: Path, model: ModelConfig, quant: QuantConfig, tokenizer, num_labels: int | None):
+    """The frozen base, quantized as configured, on the GPU if there is one."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
+
+    kwargs = dict(
+        quantization_config=bnb_config(quant, model),
+        dtype=getattr(torch, model.dtype),
+        device_map={"": device()},
+        trust_remote_code=model.trust_remote_code,
+    )
+    if model.task is Task.classification:
+        net = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=num_labels, pad_token_id=tokenizer.pad_token_id, **kwargs)
+    elif model.task is Task.seq2seq:
+        net = AutoModelForSeq2SeqLM.from_pretrained(path, **kwargs)
+    else:
+        net = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    disable_cpu_bf16_repack(net)
+    return net
+
+
+def disable_cpu_bf16_repack(net: torch.nn.Module) -> None:
+    """Guard against a silent bitsandbytes gradient bug on CPUs with AVX512-BF16.
+
+    A no_grad forward in eval mode repacks each 4-bit weight in place for a faster inference
+    kernel; later training forwards then take a path without input gradients, so LoRA grads of
+    the lower layers come out None or wrong (any train -> eval -> train loop is hit). Turning
+    the repack off keeps gradients exact; tests/test_modeling.py pins it.
+    """
+    for module in net.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def model_names(net: torch.nn.Module, checkpoint_names: list[str]) -> list[str]:
+    """The model's own names for checkpoint module names (a head class adds a prefix such as
+    `bert.`; some checkpoints carry the base prefix the bare model lacks)."""
+    modules = dict(net.named_modules())
+    prefix = getattr(net, "base_model_prefix", "")
+    out = []
+    for name in checkpoint_names:
+        options = [name, f"{prefix}.{name}", name.removeprefix(f"{prefix}.")]
+        found = next((o for o in options if o in modules), None)
+        if found is None:
+            raise UserError(f"checkpoint module {name} has no counterpart in the loaded "
+                            f"{type(net).__name__}; is model.task right?")
+        out.append(found)
+    return out
+
+
+def add_lora(net, targets: list[str], lora: LoraConfig, model: ModelConfig):
+    """LoRA on exactly `targets` (full module names); head modules are trained whole."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    config = PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        bias=lora.bias,
+        use_rslora=lora.use_rslora,
+        target_modules=targets,
+        modules_to_save=list(model.head_modules) or None,
+    )
+    return get_peft_model(net, config)
+
+
+def trainable_params(net: torch.nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters() if p.requires_grad)
+
+
+def load_adapter(net, adapter_dir: Path):
+    """Base + a saved adapter, for evaluation."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(net, adapter_dir, is_trainable=False)
+
+
+def check_quant_support(quant: QuantConfig) -> None:
+    """Refuse early when the installed bitsandbytes cannot quantize on this machine."""
+    if quant.mode is Quant.none:
+        return
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as exc:  # ImportError, or a RuntimeError from a broken native library
+        raise UserError(f"quant={quant.mode.value} needs a working bitsandbytes "
+                        f"({str(exc).splitlines()[0]}); use quant=none") from exc

@@ -1,0 +1,45 @@
+"""Spectrum's signal-to-noise ratio of a weight matrix (Hartford et al. 2024).
+
+Singular values inside the Marchenko-Pastur bulk of a random matrix with the same shape count as
+noise, those above its edge as signal. Computed as the public spectrum.py does, so rankings match:
+
+    S       = singular values of W (fp32), descending
+    sigma   = IQR(S) / 1.349                      (quantiles with linear interpolation)
+    beta    = min(n, m) / max(n, m)
+    edge    = sigma * (1 + sqrt(beta))
+    snr     = (sum(S > edge) / sum(S <= edge)) / S[0]
+
+No value above the edge gives 0. No value at or below it gives noise = 1, as spectrum.py does
+today (older result files hold Infinity there).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def snr_from_singular_values(s: torch.Tensor, n_rows: int, n_cols: int) -> float:
+    """SNR from the singular values of an n_rows x n_cols matrix (any order)."""
+    s = torch.sort(s.double(), descending=True).values
+    if s.numel() == 0 or s[0] <= 0:
+        return 0.0
+    iqr = torch.quantile(s, 0.75) - torch.quantile(s, 0.25)
+    sigma = iqr / 1.349
+    beta = min(n_rows, n_cols) / max(n_rows, n_cols)
+    edge = sigma * (1 + math.sqrt(beta))
+    signal = s[s > edge].sum()
+    if signal == 0:
+        return 0.0
+    noise = s[s <= edge].sum() if bool((s <= edge).any()) else torch.tensor(1.0)
+    return float(signal / noise / s[0])
+
+
+def spectrum_snr(weight: torch.Tensor) -> float:
+    """SNR of one weight matrix; a 1-D weight is treated as a 1 x d matrix."""
+    w = weight.detach().float()
+    if w.ndim == 1:
+        w = w.unsqueeze(0)
+    if w.ndim != 2:
+        raise ValueError(f"expected a 1-D or 2-D weight, got shape {tuple(w.shape)}")
+    return snr_from_singular_values(torch.linalg.svdvals(w), *w.shape)

@@ -1,0 +1,104 @@
+"""`python -m spectraqlora.train [overrides]`: scan, select, quantize, adapt, train, evaluate.
+
+Returns the final eval loss so any Hydra sweeper can minimize it.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from spectraqlora import checkpoint, data, modeling, rundir, training
+from spectraqlora.config import CONF_DIR, Strategy, Task, TrainConfig, to_train_config
+from spectraqlora.errors import exit_on_user_error
+from spectraqlora.scan import scan
+from spectraqlora.selection import select
+
+log = logging.getLogger("spectraqlora.train")
+
+
+def run(cfg: TrainConfig, run_dir: Path) -> dict:
+    """The whole path for one configuration; writes the run dir and returns its metrics."""
+    from transformers import set_seed
+
+    set_seed(cfg.seed)
+    modeling.check_quant_support(cfg.quant)
+    path = checkpoint.resolve(cfg.model)
+    files = checkpoint.safetensors_files(path)
+    tokenizer = modeling.load_tokenizer(path, cfg.model)
+    raw = data.load(cfg.dataset, cfg.model.task, cfg.seed)
+
+    table = scan(files, with_snr=cfg.selection.strategy is Strategy.spectrum,
+                 device=cfg.scan.device, progress=cfg.logger.progress)
+    rundir.write_json(run_dir / rundir.SNR, table)
+    chosen = select(table, cfg.selection)
+    log.info("selected %d of %d modules (%s):\n%s", len(chosen), len(table),
+             cfg.selection.strategy.value, format_selection(table, chosen))
+
+    tokenized = data.tokenize(raw, tokenizer, cfg.dataset, cfg.model.task)
+    labels = data.label_names(raw, cfg.dataset) if cfg.model.task is Task.classification else None
+    base = modeling.load_base(path, cfg.model, cfg.quant, tokenizer, len(labels) if labels else None)
+    targets = modeling.model_names(base, chosen)
+    net = modeling.add_lora(base, targets, cfg.lora, cfg.model)
+    trainable = modeling.trainable_params(net)
+    log.info("trainable parameters: %s", f"{trainable:,}")
+
+    trainer = training.build_trainer(net, tokenized, tokenizer, cfg, run_dir)
+    before = training.evaluate(trainer, cfg.model.task)
+    log.info("before training: %s", format_metrics(before))
+    start = time.perf_counter()
+    trainer.train()
+    runtime = time.perf_counter() - start
+    after = training.evaluate(trainer, cfg.model.task)
+    log.info("after training:  %s", format_metrics(after))
+
+    net.save_pretrained(run_dir / rundir.ADAPTER)
+    rundir.write_json(run_dir / rundir.SELECTION, {
+        "strategy": cfg.selection.strategy.value,
+        "top_frac": cfg.selection.top_frac,
+        "modules": chosen,
+        "lora_targets": targets,
+        "trainable_params": trainable,
+    })
+    metrics = {
+        **after,
+        **{f"{k}_before": v for k, v in before.items()},
+        "trainable_params": trainable,
+        "selected_modules": len(chosen),
+        "train_runtime_s": runtime,
+        "train_steps": trainer.state.global_step,
+        "peak_mem_gb": training.peak_mem_gb(),
+    }
+    rundir.write_json(run_dir / rundir.METRICS, metrics)  # last: marks the run finished
+    return metrics
+
+
+def format_selection(table: dict[str, dict], chosen: list[str]) -> str:
+    width = max(len(n) for n in chosen)
+    lines = [f"  {'module':<{width}}  {'type':<24} {'snr':>8}"]
+    for name in chosen:
+        snr = table[name]["snr"]
+        lines.append(f"  {name:<{width}}  {table[name]['type']:<24} "
+                     f"{'-' if snr is None else f'{snr:.4f}':>8}")
+    return "\n".join(lines)
+
+
+def format_metrics(metrics: dict) -> str:
+    return "  ".join(f"{k.removeprefix('eval_')}={v:.4f}" for k, v in metrics.items())
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+def main(cfg: DictConfig) -> float:
+    hydra_cfg = HydraConfig.get()
+    with exit_on_user_error(reraise=hydra_cfg.mode is RunMode.MULTIRUN):
+        metrics = run(to_train_config(cfg), Path(hydra_cfg.runtime.output_dir))
+    return metrics["eval_loss"]
+
+
+if __name__ == "__main__":
+    main()
