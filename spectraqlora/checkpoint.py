@@ -52,8 +52,11 @@ def _build_random_init(model: ModelConfig, path: Path) -> Path:
     kwargs = dict(model.random_init)
     config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(model.tokenizer)
+    if tokenizer.eos_token is None:  # a WordPiece (BERT) tokenizer: its [SEP] ends a text
+        tokenizer.eos_token, tokenizer.bos_token = tokenizer.sep_token, tokenizer.cls_token
     config.vocab_size = len(tokenizer)
     config.pad_token_id = tokenizer.pad_token_id
+    config.eos_token_id, config.bos_token_id = tokenizer.eos_token_id, tokenizer.bos_token_id
     torch.manual_seed(0)
     net = AutoModelForCausalLM.from_config(config)
     path.parent.mkdir(parents=True, exist_ok=True)

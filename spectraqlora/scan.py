@@ -19,6 +19,7 @@ from pathlib import Path
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
+from spectraqlora.errors import UserError
 from spectraqlora.snr import spectrum_snr
 
 _LAYER = re.compile(r"^(?P<stack>.+?)\.(?P<layer>\d+)\.(?P<suffix>.+)\.weight$")
@@ -55,14 +56,24 @@ def module_type(c: Candidate, multi_stack: bool) -> str:
     return f"{c.stack}.{c.suffix}" if multi_stack else c.suffix
 
 
-def scan(files: list[Path], *, with_snr: bool = True, device: str = "cpu",
-         progress: bool = True) -> dict[str, dict]:
-    """The snr.json table: {name: {"snr", "type", "layer", "shape"}} for every candidate.
+def scan(files: list[Path], *, module_types: list[str] | None = None, with_snr: bool = True,
+         device: str = "cpu", progress: bool = True) -> dict[str, dict]:
+    """The snr.json table: {name: {"snr", "type", "layer", "shape"}} for every candidate of the
+    given module types (None: all).
 
     Without with_snr the table lists the candidates with snr None (strategies that ignore it).
     """
     found = candidates(files)
     multi_stack = len({c.stack for c in found}) > 1
+    if not found:
+        raise UserError("the checkpoint has no 2-D weights inside numbered layer blocks to adapt")
+    if module_types is not None:
+        known = sorted({module_type(c, multi_stack) for c in found})
+        unknown = [t for t in module_types if t not in known]
+        if unknown:
+            raise UserError(f"selection.module_types: {', '.join(unknown)} matches no module of "
+                            f"this model; its types are: {', '.join(known)}")
+        found = [c for c in found if module_type(c, multi_stack) in module_types]
     table = {}
     by_file: dict[Path, list[Candidate]] = {}
     for c in found:

