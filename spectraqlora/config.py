@@ -34,7 +34,16 @@ class Quant(str, enum.Enum):
 
 class Strategy(str, enum.Enum):
     spectrum = "spectrum"
+    spectrum_global = "spectrum_global"
+    snr_cutoff = "snr_cutoff"
+    random = "random"
+    layers = "layers"
     all = "all"
+
+
+class RankAllocation(str, enum.Enum):
+    uniform = "uniform"
+    snr = "snr"
 
 
 @dataclass
@@ -81,6 +90,12 @@ class SelectionConfig:
     # Candidate module types (exact suffix after the layer index); null = every 2-D weight
     # inside the transformer blocks.
     module_types: Optional[List[str]] = None
+    # spectrum, spectrum_global, random: at least this many modules per type (0: Spectrum's
+    # exact floor rule, which keeps none of a type when count x top_frac < 1).
+    min_per_type: int = 1
+    snr_cutoff: float = 0.0  # snr_cutoff: every module with SNR >= this
+    layers: Optional[List[int]] = None  # layers: these layer indices (negative counts from the end)
+    last_k: Optional[int] = None  # layers: the last k layers
 
 
 @dataclass
@@ -90,6 +105,10 @@ class LoraConfig:
     dropout: float = 0.05
     bias: str = "none"
     use_rslora: bool = False
+    # uniform: every module gets r. snr: ranks grow with SNR within a type (selection.py).
+    rank_allocation: RankAllocation = RankAllocation.uniform
+    r_min: int = 2
+    r_max: int = 64
 
 
 @dataclass
@@ -101,7 +120,9 @@ class QuantConfig:
 
 @dataclass
 class ScanConfig:
-    device: str = "cpu"
+    device: str = "cpu"  # cpu, cuda, cuda:N
+    cache: bool = True
+    cache_dir: str = "${cache_dir:}/scan"
 
 
 @dataclass
@@ -154,7 +175,10 @@ _DTYPES = ("float32", "bfloat16", "float16")
 # key -> (test, what is accepted). Checked in this order; the first failure is reported.
 _RANGES = {
     "selection.top_frac": (lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
+    "selection.min_per_type": (lambda v: v >= 0, "a non-negative integer"),
+    "selection.last_k": (lambda v: v is None or v > 0, "a positive integer or null"),
     "lora.r": (lambda v: v > 0, "a positive integer"),
+    "lora.r_min": (lambda v: v > 0, "a positive integer"),
     "lora.alpha": (lambda v: v > 0, "a positive integer"),
     "lora.dropout": (lambda v: 0 <= v < 1, "a probability in [0, 1)"),
     "lora.bias": (lambda v: v in ("none", "all", "lora_only"), "one of none, all, lora_only"),
@@ -185,6 +209,12 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         value = OmegaConf.select(conf, key)
         if not ok(value):
             raise UserError(f"{key}={value} is out of range: expected {accepted}")
+    snr_ranks = cfg.lora.rank_allocation is RankAllocation.snr
+    if snr_ranks and not cfg.lora.r_min <= cfg.lora.r <= cfg.lora.r_max:
+        raise UserError(f"lora.r_min={cfg.lora.r_min}, lora.r={cfg.lora.r}, lora.r_max="
+                        f"{cfg.lora.r_max}: expected r_min <= r <= r_max")
+    if cfg.selection.strategy is Strategy.layers and not (cfg.selection.layers or cfg.selection.last_k):
+        raise UserError("selection=layers needs selection.layers=[i,j,...] or selection.last_k=k")
     if cfg.model.random_init is not None and not cfg.model.tokenizer:
         raise UserError("model.random_init needs model.tokenizer (where its tokenizer comes from)")
     return cfg

@@ -1,6 +1,7 @@
 """Load the base model quantized by bitsandbytes and put LoRA adapters on exactly the selected modules."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -89,10 +90,17 @@ def model_names(net: torch.nn.Module, checkpoint_names: list[str]) -> list[str]:
     return out
 
 
-def add_lora(net, targets: list[str], lora: LoraConfig, model: ModelConfig):
-    """LoRA on exactly `targets` (full module names); head modules are trained whole."""
+def add_lora(net, targets: list[str], lora: LoraConfig, model: ModelConfig,
+             ranks: dict[str, int] | None = None):
+    """LoRA on exactly `targets` (full module names); head modules are trained whole.
+
+    `ranks` (model name -> r) overrides lora.r per module; alpha follows so that alpha / r, the
+    scale of the update, stays that of lora.alpha / lora.r.
+    """
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
+
+    ranks = ranks or {}
 
     config = PeftLoraConfig(
         r=lora.r,
@@ -102,6 +110,9 @@ def add_lora(net, targets: list[str], lora: LoraConfig, model: ModelConfig):
         use_rslora=lora.use_rslora,
         target_modules=targets,
         modules_to_save=list(model.head_modules) or None,
+        # peft matches these keys as regexes against the end of module names
+        rank_pattern={re.escape(n): r for n, r in ranks.items()},
+        alpha_pattern={re.escape(n): lora.alpha * r / lora.r for n, r in ranks.items()},
     )
     return get_peft_model(net, config)
 

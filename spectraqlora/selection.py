@@ -1,35 +1,159 @@
-"""Selection strategies: from the snr.json table to the checkpoint module names that get adapters."""
+"""Selection strategies: from the snr.json table to the checkpoint module names that get adapters,
+and the optional SNR-driven rank allocation.
+
+Each strategy is a small function of the table (rows with "type", "layer", "snr", "shape").
+The fraction-based ones (spectrum, spectrum_global, random) then keep at least
+`min_per_type` modules of every candidate type.
+"""
 from __future__ import annotations
 
 import math
+import random as _random
 from collections import Counter, defaultdict
 
 from spectraqlora.config import SelectionConfig, Strategy
 from spectraqlora.errors import UserError
 
+NEEDS_SNR = {Strategy.spectrum, Strategy.spectrum_global, Strategy.snr_cutoff}
 
-def spectrum(table: dict[str, dict], top_frac: float) -> list[str]:
-    """Per module type, the floor(count * top_frac) modules of highest SNR (ties: file order)."""
-    by_type: dict[str, list[str]] = defaultdict(list)
+
+def by_type(table: dict[str, dict]) -> dict[str, list[str]]:
+    groups: dict[str, list[str]] = defaultdict(list)
     for name, row in table.items():
-        by_type[row["type"]].append(name)
-    chosen = []
-    for names in by_type.values():
-        keep = math.floor(len(names) * top_frac + 1e-9)
-        chosen += sorted(names, key=lambda n: -table[n]["snr"])[:keep]
-    return chosen
+        groups[row["type"]].append(name)
+    return groups
 
 
-def select(table: dict[str, dict], cfg: SelectionConfig) -> list[str]:
-    """Module names chosen by the configured strategy, in checkpoint order."""
-    if cfg.strategy is Strategy.spectrum:
-        chosen = set(spectrum(table, cfg.top_frac))
+def keep_count(n: int, top_frac: float, min_per_type: int = 0) -> int:
+    """Spectrum's floor(n x fraction), raised to min_per_type (never above n)."""
+    return min(n, max(math.floor(n * top_frac + 1e-9), min_per_type))
+
+
+def by_snr(table: dict[str, dict], names: list[str]) -> list[str]:
+    """Highest SNR first; a stable sort, so ties keep checkpoint order."""
+    return sorted(names, key=lambda n: -table[n]["snr"])
+
+
+def spectrum(table: dict[str, dict], top_frac: float, min_per_type: int = 0) -> list[str]:
+    """Per module type, the top floor(count x top_frac) modules by SNR."""
+    return [name for names in by_type(table).values()
+            for name in by_snr(table, names)[:keep_count(len(names), top_frac, min_per_type)]]
+
+
+def spectrum_global(table: dict[str, dict], top_frac: float, min_per_type: int = 0) -> list[str]:
+    """One ranking across every candidate; then the best of each type up to min_per_type."""
+    chosen = by_snr(table, list(table))[:keep_count(len(table), top_frac)]
+    return _at_least(table, chosen, min_per_type, lambda names: by_snr(table, names))
+
+
+def snr_cutoff(table: dict[str, dict], cutoff: float) -> list[str]:
+    return [name for name, row in table.items() if row["snr"] >= cutoff]
+
+
+def random(table: dict[str, dict], top_frac: float, seed: int, min_per_type: int = 0) -> list[str]:
+    """The control: per type, as many modules as spectrum keeps, drawn at random (seeded)."""
+    rng = _random.Random(seed)
+    return [name for names in by_type(table).values()
+            for name in rng.sample(names, keep_count(len(names), top_frac, min_per_type))]
+
+
+def layers(table: dict[str, dict], indices: list[int] | None, last_k: int | None) -> list[str]:
+    """Every candidate of the given layers (negative indices count from the end) or last k."""
+    present = sorted({row["layer"] for row in table.values()})
+    n = len(present)
+    if last_k is not None:
+        if last_k > n:
+            raise UserError(f"selection.last_k={last_k} but the model has {n} layers")
+        wanted = set(present[-last_k:])
     else:
-        chosen = set(table)
+        bad = [i for i in indices if not -n <= i < n]
+        if bad:
+            raise UserError(f"selection.layers: {bad} out of range; this model has layers "
+                            f"0..{n - 1} (or -{n}..-1 from the end)")
+        wanted = {present[i] for i in indices}
+    return [name for name, row in table.items() if row["layer"] in wanted]
+
+
+def _at_least(table, chosen: list[str], min_per_type: int, order) -> list[str]:
+    have = Counter(table[n]["type"] for n in chosen)
+    extra = []
+    for kind, names in by_type(table).items():
+        missing = min(min_per_type, len(names)) - have[kind]
+        if missing > 0:
+            extra += [n for n in order(names) if n not in chosen][:missing]
+    return chosen + extra
+
+
+def select(table: dict[str, dict], cfg: SelectionConfig, seed: int = 0) -> list[str]:
+    """Module names chosen by the configured strategy, in checkpoint order."""
+    s = cfg.strategy
+    if s is Strategy.spectrum:
+        chosen = spectrum(table, cfg.top_frac, cfg.min_per_type)
+    elif s is Strategy.spectrum_global:
+        chosen = spectrum_global(table, cfg.top_frac, cfg.min_per_type)
+    elif s is Strategy.snr_cutoff:
+        chosen = snr_cutoff(table, cfg.snr_cutoff)
+    elif s is Strategy.random:
+        chosen = random(table, cfg.top_frac, seed, cfg.min_per_type)
+    elif s is Strategy.layers:
+        chosen = layers(table, cfg.layers, cfg.last_k)
+    else:
+        chosen = list(table)
     if not chosen:
-        most = max(Counter(row["type"] for row in table.values()).values())
-        raise UserError(
-            f"selection.top_frac={cfg.top_frac} keeps no module: the most layers a type has "
-            f"here is {most}, so use selection.top_frac>={1 / most:.4g}"
-        )
-    return [name for name in table if name in chosen]
+        raise UserError(f"selection={s.value} keeps no module ({_why_empty(table, cfg)}); "
+                        f"the types here are: {', '.join(sorted(by_type(table)))}")
+    keep = set(chosen)
+    return [name for name in table if name in keep]
+
+
+def _why_empty(table: dict[str, dict], cfg: SelectionConfig) -> str:
+    if cfg.strategy is Strategy.snr_cutoff:
+        best = max(row["snr"] for row in table.values())
+        return f"no SNR reaches selection.snr_cutoff={cfg.snr_cutoff}; the highest is {best:.4g}"
+    most = max(len(names) for names in by_type(table).values())
+    return (f"selection.top_frac={cfg.top_frac} with selection.min_per_type={cfg.min_per_type}; "
+            f"the most layers a type has is {most}: use selection.top_frac>={1 / most:.4g} "
+            f"or selection.min_per_type=1")
+
+
+def selection_record(cfg: SelectionConfig, chosen: list[str], **extra) -> dict:
+    """selection.json: the strategy, its knobs and the chosen checkpoint module names."""
+    return {"strategy": cfg.strategy.value, "top_frac": cfg.top_frac,
+            "min_per_type": cfg.min_per_type, "modules": chosen, **extra}
+
+
+def lora_params(shape: list[int], r: int) -> int:
+    return r * (shape[0] + shape[1])
+
+
+def snr_ranks(table: dict[str, dict], chosen: list[str], r: int, r_min: int, r_max: int) -> dict[str, int]:
+    """Ranks that grow with SNR relative to the other chosen modules of the same type.
+
+    Rule: weight_i = snr_i / mean SNR of the chosen modules of i's type (1 for a type's only
+    module, or when they all score 0); rank_i = clamp(round(s x r x weight_i), r_min, r_max),
+    with one scale s for all modules, searched so that the LoRA parameters match uniform rank r
+    as closely as the clamps allow. Within a type all shapes are equal, so the average rank of a
+    type stays near r.
+    """
+    weights = {}
+    for names in by_type({n: table[n] for n in chosen}).values():
+        mean = sum(table[n]["snr"] for n in names) / len(names)
+        for n in names:
+            weights[n] = table[n]["snr"] / mean if mean > 0 else 1.0
+    target = sum(lora_params(table[n]["shape"], r) for n in chosen)
+
+    def ranks_at(scale: float) -> dict[str, int]:
+        return {n: min(r_max, max(r_min, round(scale * r * w))) for n, w in weights.items()}
+
+    def params(ranks: dict[str, int]) -> int:
+        return sum(lora_params(table[n]["shape"], k) for n, k in ranks.items())
+
+    lo, hi = 1e-3, 1e3
+    best = ranks_at(1.0)
+    for _ in range(60):  # bisection on the scale; params grow monotonically with it
+        mid = math.sqrt(lo * hi)
+        ranks = ranks_at(mid)
+        if abs(params(ranks) - target) < abs(params(best) - target):
+            best = ranks
+        lo, hi = (mid, hi) if params(ranks) < target else (lo, mid)
+    return best

@@ -13,11 +13,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from spectraqlora import checkpoint, rundir
-from spectraqlora.config import CONF_DIR, Strategy, Task, TrainConfig, to_train_config
+from spectraqlora import checkpoint, exports, rundir
+from spectraqlora.config import CONF_DIR, RankAllocation, Task, TrainConfig, to_train_config
 from spectraqlora.errors import exit_on_user_error
-from spectraqlora.scan import scan
-from spectraqlora.selection import select
+from spectraqlora.exports import slug
+from spectraqlora.scan import scan_and_select
+from spectraqlora.selection import selection_record, snr_ranks
 
 log = logging.getLogger("spectraqlora.train")
 
@@ -33,19 +34,21 @@ def run(cfg: TrainConfig, run_dir: Path) -> dict:
     tokenizer = modeling.load_tokenizer(path, cfg.model)
     raw = data.load(cfg.dataset, cfg.model.task, cfg.seed)
 
-    table = scan(files, module_types=cfg.selection.module_types,
-                 with_snr=cfg.selection.strategy is Strategy.spectrum,
-                 device=cfg.scan.device, progress=cfg.logger.progress)
-    rundir.write_json(run_dir / rundir.SNR, table)
-    chosen = select(table, cfg.selection)
+    table, chosen = scan_and_select(files, cfg)
+    exports.write_snr(run_dir, table, chosen, slug(cfg.model.name_or_path))
     log.info("selected %d of %d modules (%s):\n%s", len(chosen), len(table),
              cfg.selection.strategy.value, format_selection(table, chosen))
+    ranks = None
+    if cfg.lora.rank_allocation is RankAllocation.snr:
+        ranks = snr_ranks(table, chosen, cfg.lora.r, cfg.lora.r_min, cfg.lora.r_max)
+        log.info("ranks by SNR: %s", ", ".join(f"{n}={r}" for n, r in ranks.items()))
 
     tokenized = data.tokenize(raw, tokenizer, cfg.dataset, cfg.model.task)
     labels = data.label_names(raw, cfg.dataset) if cfg.model.task is Task.classification else None
     base = modeling.load_base(path, cfg.model, cfg.quant, tokenizer, len(labels) if labels else None)
     targets = modeling.model_names(base, chosen)
-    net = modeling.add_lora(base, targets, cfg.lora, cfg.model)
+    net = modeling.add_lora(base, targets, cfg.lora, cfg.model,
+                            ranks and dict(zip(targets, (ranks[n] for n in chosen))))
     trainable = modeling.trainable_params(net)
     log.info("trainable parameters: %s", f"{trainable:,}")
 
@@ -59,13 +62,9 @@ def run(cfg: TrainConfig, run_dir: Path) -> dict:
     log.info("after training:  %s", format_metrics(after))
 
     net.save_pretrained(run_dir / rundir.ADAPTER)
-    rundir.write_json(run_dir / rundir.SELECTION, {
-        "strategy": cfg.selection.strategy.value,
-        "top_frac": cfg.selection.top_frac,
-        "modules": chosen,
-        "lora_targets": targets,
-        "trainable_params": trainable,
-    })
+    rundir.write_json(run_dir / rundir.SELECTION, selection_record(
+        cfg.selection, chosen, lora_targets=targets, trainable_params=trainable,
+        **({"ranks": ranks} if ranks else {})))
     metrics = {
         **after,
         **{f"{k}_before": v for k, v in before.items()},

@@ -56,7 +56,7 @@ def test_tiny_llama_causal_lm_smoke_learns_and_reproduces(tmp_path):
      "model 'meta-llama/Meta-Llama-3-8B' is neither in the local Hugging Face cache nor reachable"),
     (["selection.top_frac=1.5"], "selection.top_frac=1.5 is out of range"),
     (["lora.r=0"], "lora.r=0 is out of range"),
-    (["selection.top_frac=0.1"], "selection.top_frac=0.1 keeps no module"),
+    (["selection.top_frac=0.1", "selection.min_per_type=0"], "selection=spectrum keeps no module"),
     (["selection.module_types=[mlp.up_proj]"], "mlp.up_proj matches no module of this model"),
     (["dataset=file", "dataset.path=missing.jsonl"], "dataset.path=missing.jsonl: no such file"),
     (["model.name_or_path=/no/such/dir"], "model.name_or_path=/no/such/dir: no such directory"),

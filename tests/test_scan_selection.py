@@ -7,7 +7,7 @@ from safetensors.torch import save_file
 from spectraqlora.checkpoint import safetensors_files
 from spectraqlora.config import SelectionConfig, Strategy
 from spectraqlora.errors import UserError
-from spectraqlora.scan import scan
+from spectraqlora.scan import compute, restrict_types
 from spectraqlora.selection import select, spectrum
 from spectraqlora.snr import spectrum_snr
 
@@ -27,7 +27,7 @@ def bert_like(tmp_path, layers=4):
 
 def test_scan_reads_every_block_matrix_with_exact_suffix_types(tmp_path):
     tensors = bert_like(tmp_path)
-    table = scan(safetensors_files(tmp_path), progress=False)
+    table = compute(safetensors_files(tmp_path), progress=False)
     assert len(table) == 12  # 4 layers x 3 matrices; embeddings, biases and norms are not candidates
     assert {r["type"] for r in table.values()} == {
         "attention.self.query", "attention.output.dense", "output.dense"}
@@ -47,16 +47,17 @@ def test_scan_follows_a_sharded_index_and_keeps_stacks_apart(tmp_path):
     weight_map = {k: "model-00001-of-00002.safetensors" for k in shard_a}
     weight_map |= {k: "model-00002-of-00002.safetensors" for k in shard_b}
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    table = scan(safetensors_files(tmp_path), progress=False)
+    table = compute(safetensors_files(tmp_path), progress=False)
     assert {r["type"] for r in table.values()} == {
         "encoder.block.layer.0.SelfAttention.q", "decoder.block.layer.0.SelfAttention.q"}
 
 
 def test_unknown_module_type_lists_the_known_ones(tmp_path):
     bert_like(tmp_path)
+    table = compute(safetensors_files(tmp_path), progress=False)
     with pytest.raises(UserError, match="foo matches no module.*attention.output.dense, attention.self.query"):
-        scan(safetensors_files(tmp_path), module_types=["foo"], progress=False)
-    only = scan(safetensors_files(tmp_path), module_types=["output.dense"], progress=False)
+        restrict_types(table, ["foo"])
+    only = restrict_types(table, ["output.dense"])
     assert {r["type"] for r in only.values()} == {"output.dense"}
 
 
@@ -91,5 +92,6 @@ def test_select_returns_checkpoint_order_and_refuses_an_empty_selection():
     table = table_of({"l0.q": ("q", 0.1), "l1.q": ("q", 0.9), "l2.q": ("q", 0.5), "l3.q": ("q", 0.7)})
     assert select(table, SelectionConfig(top_frac=0.5)) == ["l1.q", "l3.q"]
     assert select(table, SelectionConfig(strategy=Strategy.all)) == list(table)
-    with pytest.raises(UserError, match=r"top_frac=0.2 keeps no module.*top_frac>=0.25"):
-        select(table, SelectionConfig(top_frac=0.2))
+    assert select(table, SelectionConfig(top_frac=0.2)) == ["l1.q"]  # min_per_type=1
+    with pytest.raises(UserError, match=r"keeps no module.*top_frac>=0.25"):
+        select(table, SelectionConfig(top_frac=0.2, min_per_type=0))
