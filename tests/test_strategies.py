@@ -1,0 +1,76 @@
+"""Selection strategies, min_per_type and SNR rank allocation on hand-made tables."""
+import pytest
+
+from spectraqlora.config import SelectionConfig, Strategy
+from spectraqlora.errors import UserError
+from spectraqlora.selection import lora_params, select, snr_ranks
+
+
+def table(layers=8, types=("q", "v"), shape=(64, 32)):
+    """Layer i of type t has SNR (i + 1) x weight(t); type v scores 10x higher than q."""
+    weight = {t: 10.0 ** k for k, t in enumerate(types)}
+    return {f"layers.{i}.{t}": {"type": t, "layer": i, "snr": (i + 1) * weight[t], "shape": list(shape)}
+            for i in range(layers) for t in types}
+
+
+def pick(rows, **knobs):
+    return select(rows, SelectionConfig(**knobs))
+
+
+def test_spectrum_global_ranks_across_types():
+    chosen = pick(table(), strategy=Strategy.spectrum_global, top_frac=0.25, min_per_type=0)
+    assert chosen == [f"layers.{i}.v" for i in (4, 5, 6, 7)]  # 4 of 16, all of the louder type
+    with_min = pick(table(), strategy=Strategy.spectrum_global, top_frac=0.25, min_per_type=1)
+    assert "layers.7.q" in with_min and len(with_min) == 5
+
+
+def test_snr_cutoff_keeps_every_module_at_or_above_it():
+    chosen = pick(table(), strategy=Strategy.snr_cutoff, snr_cutoff=60.0)
+    assert chosen == [f"layers.{i}.v" for i in (5, 6, 7)]
+    with pytest.raises(UserError, match="highest is 80"):
+        pick(table(), strategy=Strategy.snr_cutoff, snr_cutoff=100.0)
+
+
+def test_random_matches_spectrum_counts_per_type_and_is_seeded():
+    rows = table()
+    spectrum = pick(rows, strategy=Strategy.spectrum, top_frac=0.5)
+    drawn = [select(rows, SelectionConfig(strategy=Strategy.random, top_frac=0.5), seed=s) for s in (1, 1, 2)]
+    assert drawn[0] == drawn[1] != drawn[2]
+    for chosen in drawn:
+        for t in ("q", "v"):
+            assert sum(rows[n]["type"] == t for n in chosen) == sum(rows[n]["type"] == t for n in spectrum)
+
+
+def test_layers_by_index_from_the_end_and_last_k():
+    assert pick(table(4), strategy=Strategy.layers, layers=[0, -1]) == [
+        "layers.0.q", "layers.0.v", "layers.3.q", "layers.3.v"]
+    assert pick(table(4), strategy=Strategy.layers, last_k=1) == ["layers.3.q", "layers.3.v"]
+    with pytest.raises(UserError, match=r"\[4\] out of range; this model has layers 0..3"):
+        pick(table(4), strategy=Strategy.layers, layers=[4])
+    with pytest.raises(UserError, match="last_k=5 but the model has 4 layers"):
+        pick(table(4), strategy=Strategy.layers, last_k=5)
+
+
+def test_min_per_type_rescues_a_small_fraction_on_a_shallow_model():
+    rows = table(layers=3)
+    assert pick(rows, top_frac=0.25) == ["layers.2.q", "layers.2.v"]
+    with pytest.raises(UserError, match="keeps no module"):
+        pick(rows, top_frac=0.25, min_per_type=0)
+
+
+def test_snr_ranks_grow_with_snr_and_keep_parameters_near_uniform():
+    rows = table(layers=8)
+    chosen = list(rows)
+    ranks = snr_ranks(rows, chosen, r=8, r_min=2, r_max=32)
+    for t in ("q", "v"):
+        by_layer = [ranks[f"layers.{i}.{t}"] for i in range(8)]
+        assert by_layer == sorted(by_layer) and by_layer[0] < by_layer[-1]
+        assert min(by_layer) >= 2 and max(by_layer) <= 32
+    uniform = sum(lora_params(rows[n]["shape"], 8) for n in chosen)
+    allocated = sum(lora_params(rows[n]["shape"], r) for n, r in ranks.items())
+    assert abs(allocated - uniform) / uniform <= 0.10
+
+
+def test_snr_ranks_of_a_lone_module_stay_at_r():
+    rows = table(layers=1, types=("q",))
+    assert snr_ranks(rows, list(rows), r=16, r_min=2, r_max=64) == {"layers.0.q": 16}
