@@ -98,3 +98,16 @@ def test_checkpoint_names_map_to_model_names(tiny):
     assert modeling.model_names(base, ["model.layers.0.mlp.up_proj"]) == ["model.layers.0.mlp.up_proj"]
     with pytest.raises(Exception, match="no counterpart"):
         modeling.model_names(base, ["encoder.layer.0.attention.self.query"])
+
+
+def test_per_module_ranks_keep_alpha_over_r(tiny):
+    cfg, path, tokenizer = tiny
+    base = modeling.load_base(path, cfg.model, cfg.quant, tokenizer, None)
+    ranks = {"model.layers.0.mlp.up_proj": 4, "model.layers.1.mlp.up_proj": 16,
+             "model.layers.2.mlp.up_proj": 8}
+    net = modeling.add_lora(base, list(ranks), cfg.lora, cfg.model, ranks)
+    layers = net.base_model.model.model.layers
+    for i, r in ((0, 4), (1, 16), (2, 8)):
+        module = layers[i].mlp.up_proj
+        assert module.r["default"] == r
+        assert module.scaling["default"] == pytest.approx(cfg.lora.alpha / cfg.lora.r)
