@@ -151,6 +151,11 @@ def label_names(data: DatasetDict, cfg: DatasetConfig) -> list[str]:
     return sorted({str(v) for v in data["train"][cfg.label_column]})
 
 
+def num_labels(data: DatasetDict, cfg: DatasetConfig, task: Task) -> int | None:
+    """Classes of a classification dataset (the model's head size); None for other tasks."""
+    return len(label_names(data, cfg)) if task is Task.classification else None
+
+
 def tokenize(data: DatasetDict, tokenizer, cfg: DatasetConfig, task: Task) -> DatasetDict:
     """Model inputs for the task; raw columns are dropped."""
     if task is Task.classification:

@@ -12,7 +12,7 @@ import hydra
 from omegaconf import DictConfig
 
 from spectraqlora import checkpoint, data, modeling, rundir, training
-from spectraqlora.config import CONF_DIR, Task, load_run_config
+from spectraqlora.config import CONF_DIR, load_run_config
 from spectraqlora.errors import UserError, exit_on_user_error
 
 log = logging.getLogger("spectraqlora.evaluate")
@@ -28,8 +28,8 @@ def evaluate_run(run_dir: Path) -> dict:
     tokenizer = modeling.load_tokenizer(path, cfg.model)
     raw = data.load(cfg.dataset, cfg.model.task, cfg.seed)
     tokenized = data.tokenize(raw, tokenizer, cfg.dataset, cfg.model.task)
-    labels = data.label_names(raw, cfg.dataset) if cfg.model.task is Task.classification else None
-    base = modeling.load_base(path, cfg.model, cfg.quant, tokenizer, len(labels) if labels else None)
+    base = modeling.load_base(path, cfg.model, cfg.quant, tokenizer,
+                              data.num_labels(raw, cfg.dataset, cfg.model.task))
     net = modeling.load_adapter(base, run_dir / rundir.ADAPTER)
     trainer = training.build_trainer(net, tokenized, tokenizer, cfg, run_dir)
     metrics = training.evaluate(trainer, cfg.model.task)

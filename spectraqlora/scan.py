@@ -28,7 +28,7 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
-from safetensors import safe_open
+import torch
 from tqdm.auto import tqdm
 
 from spectraqlora import checkpoint, rundir
@@ -45,6 +45,10 @@ _LAYER = re.compile(r"^(?P<stack>.+?)\.(?P<layer>\d+)\.(?P<suffix>.+)\.weight$")
 _EXPERT = re.compile(r"(^|\.)experts\.\d+\.")
 
 
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+           "BF16": torch.bfloat16}
+
+
 @dataclass(frozen=True)
 class Candidate:
     name: str  # module name as in the checkpoint, without `.weight`
@@ -53,22 +57,49 @@ class Candidate:
     suffix: str
     shape: tuple[int, ...]
     file: Path
+    dtype: str
+    offsets: tuple[int, int]  # absolute byte range of the tensor in the file
+
+
+def read_header(file: Path) -> tuple[int, dict, bytes]:
+    """(where tensor data starts, the parsed header, its raw bytes) of a safetensors file."""
+    try:
+        with open(file, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            raw = f.read(length)
+        if len(raw) != length:
+            raise ValueError("header shorter than announced")
+        header = json.loads(raw)
+    except (struct.error, ValueError, UnicodeDecodeError) as exc:
+        raise UserError(f"{file} is not a readable safetensors file ({exc})") from exc
+    header.pop("__metadata__", None)
+    return 8 + length, header, raw
+
+
+def read_tensor(f, c: Candidate) -> torch.Tensor:
+    """One tensor, read with plain file reads into its own buffer. Not mmap: mapped pages of a
+    checkpoint count as the process's resident memory for as long as the file stays open."""
+    begin, end = c.offsets
+    buffer = bytearray(end - begin)
+    f.seek(begin)
+    if f.readinto(buffer) != len(buffer):
+        raise UserError(f"{c.file} is truncated: {c.name}.weight runs past its end")
+    return torch.frombuffer(buffer, dtype=_DTYPES[c.dtype]).reshape(c.shape)
 
 
 def candidates(files: list[Path]) -> list[Candidate]:
-    """Every 2-D weight that sits inside a numbered layer block, from the files' headers only."""
+    """Every 2-D float weight inside a numbered layer block, from the files' headers only."""
     found = []
     for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                m = _LAYER.match(key)
-                if not m:
-                    continue
-                shape = tuple(f.get_slice(key).get_shape())
-                if len(shape) != 2:
-                    continue
-                found.append(Candidate(key[: -len(".weight")], m["stack"], int(m["layer"]),
-                                       m["suffix"], shape, file))
+        start, header, _ = read_header(file)
+        for key, meta in header.items():
+            m = _LAYER.match(key)
+            if not m or len(meta["shape"]) != 2 or meta["dtype"] not in _DTYPES:
+                continue
+            begin, end = meta["data_offsets"]
+            found.append(Candidate(key[: -len(".weight")], m["stack"], int(m["layer"]), m["suffix"],
+                                   tuple(meta["shape"]), file, meta["dtype"],
+                                   (start + begin, start + end)))
     return found
 
 
@@ -92,11 +123,11 @@ def compute(files: list[Path], *, with_snr: bool = True, device: str = "cpu",
     bar = tqdm(total=len(found), desc="spectrum scan", unit="matrix",
                disable=not (progress and with_snr))
     for file in dict.fromkeys(c.file for c in found):
-        with safe_open(str(file), framework="pt", device="cpu") as f:
+        with open(file, "rb") as f:
             for c in (c for c in found if c.file == file):
                 snr = None
                 if with_snr:
-                    snr = spectrum_snr(f.get_tensor(c.name + ".weight").to(device))
+                    snr = spectrum_snr(read_tensor(f, c).to(device))
                     bar.update()
                 table[c.name] = {"snr": snr, "type": module_type(c, multi_stack),
                                  "layer": c.layer, "shape": list(c.shape)}
@@ -112,9 +143,7 @@ def identity(files: list[Path]) -> str:
     parts = [f"spectraqlora-scan-v{SCAN_VERSION}"]
     for file in files:
         stat = file.stat()
-        with open(file, "rb") as f:
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            header = hashlib.sha256(f.read(header_len)).hexdigest()
+        header = hashlib.sha256(read_header(file)[2]).hexdigest()
         blob = Path(os.path.realpath(file))
         blob_id = blob.name if blob.parent.name == "blobs" else ""
         parts.append(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}:{header}:{blob_id}")

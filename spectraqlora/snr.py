@@ -35,11 +35,24 @@ def snr_from_singular_values(s: torch.Tensor, n_rows: int, n_cols: int) -> float
     return float(signal / noise / s[0])
 
 
+def singular_values(w: torch.Tensor) -> torch.Tensor:
+    """Singular values of a 2-D matrix. Square: fp32 svdvals, as spectrum.py. Rectangular: the
+    square roots of the eigenvalues of the smaller Gram matrix, in float64, which is several
+    times faster on CPUs for the tall MLP matrices and agrees with fp32 svdvals to ~1e-5 of the
+    largest value (tests pin the SNR to 1e-4 relative on real weights)."""
+    n, m = w.shape
+    if n == m:
+        return torch.linalg.svdvals(w.float())
+    x = w.double()
+    gram = x.T @ x if n > m else x @ x.T
+    return torch.linalg.eigvalsh(gram).clamp_min(0).sqrt().flip(0)
+
+
 def spectrum_snr(weight: torch.Tensor) -> float:
     """SNR of one weight matrix; a 1-D weight is treated as a 1 x d matrix."""
-    w = weight.detach().float()
+    w = weight.detach()
     if w.ndim == 1:
         w = w.unsqueeze(0)
     if w.ndim != 2:
         raise ValueError(f"expected a 1-D or 2-D weight, got shape {tuple(w.shape)}")
-    return snr_from_singular_values(torch.linalg.svdvals(w), *w.shape)
+    return snr_from_singular_values(singular_values(w), *w.shape)

@@ -14,9 +14,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from spectraqlora import checkpoint, exports, rundir
-from spectraqlora.config import CONF_DIR, RankAllocation, Task, TrainConfig, to_train_config
+from spectraqlora.config import CONF_DIR, RankAllocation, TrainConfig, to_train_config
 from spectraqlora.errors import exit_on_user_error
-from spectraqlora.exports import slug
 from spectraqlora.scan import scan_and_select
 from spectraqlora.selection import selection_record, snr_ranks
 
@@ -35,7 +34,7 @@ def run(cfg: TrainConfig, run_dir: Path) -> dict:
     raw = data.load(cfg.dataset, cfg.model.task, cfg.seed)
 
     table, chosen = scan_and_select(files, cfg)
-    exports.write_snr(run_dir, table, chosen, slug(cfg.model.name_or_path))
+    exports.write_snr(run_dir, table, chosen, exports.slug(cfg.model.name_or_path))
     log.info("selected %d of %d modules (%s):\n%s", len(chosen), len(table),
              cfg.selection.strategy.value, format_selection(table, chosen))
     ranks = None
@@ -44,11 +43,11 @@ def run(cfg: TrainConfig, run_dir: Path) -> dict:
         log.info("ranks by SNR: %s", ", ".join(f"{n}={r}" for n, r in ranks.items()))
 
     tokenized = data.tokenize(raw, tokenizer, cfg.dataset, cfg.model.task)
-    labels = data.label_names(raw, cfg.dataset) if cfg.model.task is Task.classification else None
-    base = modeling.load_base(path, cfg.model, cfg.quant, tokenizer, len(labels) if labels else None)
+    base = modeling.load_base(path, cfg.model, cfg.quant, tokenizer,
+                              data.num_labels(raw, cfg.dataset, cfg.model.task))
     targets = modeling.model_names(base, chosen)
-    net = modeling.add_lora(base, targets, cfg.lora, cfg.model,
-                            ranks and dict(zip(targets, (ranks[n] for n in chosen))))
+    target_ranks = {t: ranks[n] for t, n in zip(targets, chosen)} if ranks else None
+    net = modeling.add_lora(base, targets, cfg.lora, cfg.model, target_ranks)
     trainable = modeling.trainable_params(net)
     log.info("trainable parameters: %s", f"{trainable:,}")
 
