@@ -3,8 +3,8 @@
 What it measures, on a random-init Llama checkpoint (~0.5B parameters, bf16 safetensors, built once
 in --workdir and reused):
 
-  spectraqlora  spectraqlora.scan.scan(): reads one 2-D weight at a time from the safetensors
-                files, casts it to fp32 and reduces it to its SNR.
+  spectraqlora  spectraqlora's streaming scan (uncached): reads one 2-D weight at a time from
+                the safetensors files and reduces it to its SNR with spectraqlora.snr.
   reference     what the public spectrum.py does: AutoModelForCausalLM.from_pretrained(...,
                 fp32), then the SNR of every nn.Linear inside model.model.layers, with the Spectrum
                 formula written out here (independent of spectraqlora.snr).
@@ -48,10 +48,14 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 
 
-def torch_info() -> dict:
+def process_info() -> dict:
+    """torch build and threads, CPU seconds used, and the load average at the end: a wall time
+    far above the CPU seconds / threads, or a load above nproc, means the CPU was shared."""
     import torch
 
-    return {"torch_version": torch.__version__, "torch_threads": torch.get_num_threads()}
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return {"torch_version": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "cpu_s": usage.ru_utime + usage.ru_stime, "loadavg_end": os.getloadavg()}
 
 
 # ---------------------------------------------------------------- children
@@ -92,7 +96,7 @@ def child_spectraqlora(ckpt: Path) -> dict:
     return {"wall_s": wall, "peak_rss_gb": peak_rss_gb(), "import_rss_gb": import_rss,
             "snr": {n: r["snr"] for n, r in table.items()},
             "types": {n: r["type"] for n, r in table.items()},
-            "shapes": {n: r["shape"] for n, r in table.items()}, **torch_info()}
+            "shapes": {n: r["shape"] for n, r in table.items()}, **process_info()}
 
 
 def reference_snr(w) -> float:
@@ -135,7 +139,7 @@ def child_reference(ckpt: Path) -> dict:
     wall = time.perf_counter() - T0
     return {"wall_s": wall, "peak_rss_gb": peak_rss_gb(), "import_rss_gb": import_rss,
             "load_s": load_s, "snr": snr, "types": types, "shapes": shapes,
-            "snr_seconds": svd_s, **torch_info()}
+            "snr_seconds": svd_s, **process_info()}
 
 
 def run_child(argv: list[str]) -> None:
@@ -204,6 +208,18 @@ def compare(a: dict, b: dict) -> dict:
             "max_rel_snr_diff": max(rel) if rel else 0.0}
 
 
+def code_version() -> dict:
+    """The checkout's commit and whether spectraqlora/ has uncommitted changes."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True,
+                              text=True).stdout.strip()
+
+    return {"commit": git("rev-parse", "HEAD"),
+            "spectraqlora_dirty": bool(git("status", "--porcelain", "--", "spectraqlora"))}
+
+
 def cpu_model() -> str:
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
@@ -227,12 +243,20 @@ def print_table(summary: dict, comparison: dict, runs: dict[str, list[dict]]) ->
     for m in METHODS:
         s = summary[m]
         print(f"{m:<14}{s['wall_s']:>10.1f}{s['peak_rss_gb']:>14.2f}{s['import_rss_gb']:>23.2f}")
+    for m in METHODS:
+        for i, r in enumerate(runs[m]):
+            print(f"  run {i + 1} {m:<13} wall {r['wall_s']:7.1f} s  cpu {r['cpu_s']:7.1f} s  "
+                  f"peak RSS {r['peak_rss_gb']:.2f} GB  loadavg at end "
+                  f"{', '.join(f'{x:.2f}' for x in r['loadavg_end'])}")
     print(f"rss_ratio (reference/spectraqlora) = {summary['rss_ratio']:.2f}")
     print(f"speedup   (reference/spectraqlora) = {summary['speedup']:.2f}")
-    print(f"reference load (incl. imports) = {statistics.median(r['load_s'] for r in runs['reference']):.1f} s")
+    load_s = statistics.median(r["load_s"] for r in runs["reference"])
+    print(f"reference model load (incl. imports) = {load_s:.1f} s")
     print(f"modules compared = {comparison['modules']}, top-25% size = {comparison['top25_size']}, "
           f"identical = {comparison['top25_identical']}")
     print(f"max relative SNR difference = {comparison['max_rel_snr_diff']:.3g}")
+    print(f"over all repeats: identical = {comparison['top25_identical_all_repeats']}, max "
+          f"relative SNR difference = {comparison['max_rel_snr_diff_all_repeats']:.3g}")
 
 
 def parse_args() -> argparse.Namespace:
@@ -254,6 +278,7 @@ def main() -> None:
         return
     args = parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench_scan."))
+    version = code_version()
     try:
         ckpt, reused = ensure_checkpoint(workdir, args)
         ckpt_bytes = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
@@ -268,10 +293,18 @@ def main() -> None:
     first = {m: runs[m][0] for m in METHODS}
     summary = summarize(runs)
     comparison = compare(first["spectraqlora"], first["reference"])
+    every = [compare(a, b) for a, b in zip(runs["spectraqlora"], runs["reference"])]
+    comparison["top25_identical_all_repeats"] = all(c["top25_identical"] for c in every)
+    comparison["max_rel_snr_diff_all_repeats"] = max(c["max_rel_snr_diff"] for c in every)
     print_table(summary, comparison, runs)
+    changed = code_version() != version
+    if changed:
+        print("WARNING: the spectraqlora checkout changed during the benchmark; rerun it")
+    print(f"code: {version}")
     if args.out:
         result = {
             "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+            "code": version, "code_changed_during_run": changed,
             "machine": {"cpu": cpu_model(), "nproc": len(os.sched_getaffinity(0)),
                         "python": platform.python_version(),
                         "torch_version": first["spectraqlora"]["torch_version"],
