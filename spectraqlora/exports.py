@@ -94,11 +94,11 @@ def write_snr(run_dir: Path, table: dict[str, dict], chosen: list[str], model_na
         heatmap(table, chosen, run_dir / "snr_heatmap.png", model_name)
 
 
-def write_all(run_dir: Path, table: dict[str, dict], chosen: list[str], model_name: str,
-              top_frac: float) -> None:  # model_name: a slug(), used in file names
-    """write_snr's files and the spectrum.py / axolotl exports."""
-    write_snr(run_dir, table, chosen, model_name)
-    rundir.write_json(run_dir / f"snr_results_{model_name}.json", spectrum_results(table))
+def write_all(run_dir: Path, table: dict[str, dict], chosen: list[str], model_slug: str,
+              top_frac: float) -> None:
+    """write_snr's files and the spectrum.py / axolotl exports (named after model_slug)."""
+    write_snr(run_dir, table, chosen, model_slug)
+    rundir.write_json(run_dir / f"snr_results_{model_slug}.json", spectrum_results(table))
     pct = f"{top_frac * 100:g}"
     rundir.write_text(run_dir / f"unfrozen_parameters_{pct}percent.yaml",
                       unfrozen_parameters_yaml(table, chosen))

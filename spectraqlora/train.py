@@ -26,10 +26,12 @@ def run(cfg: TrainConfig, run_dir: Path) -> dict:
     """The whole path for one configuration; writes the run dir and returns its metrics."""
     path = checkpoint.resolve(cfg.model)  # first: a missing model fails before heavy imports
     files = checkpoint.safetensors_files(path)
+    from transformers import set_seed
+
     from spectraqlora import data, modeling, training
 
     modeling.check_quant_support(cfg.quant)
-    training.set_seed(cfg.seed)
+    set_seed(cfg.seed)
     tokenizer = modeling.load_tokenizer(path, cfg.model)
     raw = data.load(cfg.dataset, cfg.model.task, cfg.seed)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import Trainer, TrainingArguments, set_seed  # noqa: F401 (set_seed re-exported)
+from transformers import Trainer, TrainingArguments
 
 from spectraqlora import data
 from spectraqlora.config import TrainConfig, Task
