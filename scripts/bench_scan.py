@@ -78,20 +78,13 @@ def child_build(ckpt: Path, layers: int, hidden: int, intermediate: int, vocab: 
     return {"params": n_params}
 
 
-def streaming_scan():
-    """spectraqlora's uncached streaming scan: `scan.compute` where the scan has a result cache
-    (never read here, so every run computes), else `scan.scan` itself (no cache)."""
-    from spectraqlora import scan
-
-    return getattr(scan, "compute", None) or scan.scan
-
-
 def child_spectraqlora(ckpt: Path) -> dict:
+    """spectraqlora's streaming scan without its cache (`scan.compute`)."""
     from spectraqlora.checkpoint import safetensors_files
+    from spectraqlora.scan import compute
 
-    scan = streaming_scan()
     import_rss = peak_rss_gb()
-    table = scan(safetensors_files(ckpt), progress=False)
+    table = compute(safetensors_files(ckpt), progress=False)
     wall = time.perf_counter() - T0
     return {"wall_s": wall, "peak_rss_gb": peak_rss_gb(), "import_rss_gb": import_rss,
             "snr": {n: r["snr"] for n, r in table.items()},

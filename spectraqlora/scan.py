@@ -17,6 +17,7 @@ Results are cached under `scan.cache_dir`, keyed by the checkpoint's identity an
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -122,9 +123,9 @@ def compute(files: list[Path], *, with_snr: bool = True, device: str = "cpu",
     table = {}
     bar = tqdm(total=len(found), desc="spectrum scan", unit="matrix",
                disable=not (progress and with_snr))
-    for file in dict.fromkeys(c.file for c in found):
+    for file, group in itertools.groupby(found, key=lambda c: c.file):  # found is in file order
         with open(file, "rb") as f:
-            for c in (c for c in found if c.file == file):
+            for c in group:
                 snr = None
                 if with_snr:
                     snr = spectrum_snr(read_tensor(f, c).to(device))
