@@ -147,6 +147,10 @@ class TrainerConfig:
     save_total_limit: int = 2
     bf16: Optional[bool] = None  # null: on where CUDA supports bf16
     dataloader_num_workers: int = 0
+    # spectraqlora's own knobs (no TrainingArguments counterpart):
+    resume: bool = False  # continue from the last checkpoint in hydra.run.dir
+    on_nonfinite_loss: str = "error"  # error: stop the run; skip: drop that step and count it
+    keep_checkpoints: bool = False  # keep checkpoints/ once the run has finished
 
 
 @dataclass
@@ -198,6 +202,8 @@ _RANGES = {
     "trainer.logging_steps": (lambda v: v > 0, "a positive integer"),
     "trainer.eval_steps": (lambda v: v >= 0, "a non-negative integer (0: no eval during training)"),
     "trainer.save_steps": (lambda v: v >= 0, "a non-negative integer (0: no checkpoints)"),
+    "trainer.save_total_limit": (lambda v: v > 0, "a positive integer"),
+    "trainer.on_nonfinite_loss": (lambda v: v in ("error", "skip"), "one of error, skip"),
     "logger.name": (lambda v: v in ("none", "wandb"), "one of none, wandb"),
 }
 

@@ -18,7 +18,7 @@ from spectraqlora.errors import UserError, exit_on_user_error
 log = logging.getLogger("spectraqlora.evaluate")
 
 
-def evaluate_run(run_dir: Path) -> dict:
+def evaluate_run(run_dir: Path, allow_pickle: bool = False) -> dict:
     run_dir = Path(run_dir)
     if not (run_dir / rundir.METRICS).is_file():
         raise UserError(f"{run_dir} is not a finished run: it has no {rundir.METRICS}")
@@ -30,7 +30,7 @@ def evaluate_run(run_dir: Path) -> dict:
     tokenized = data.tokenize(raw, tokenizer, cfg.dataset, cfg.model.task)
     base = modeling.load_base(path, cfg.model, cfg.quant, tokenizer,
                               data.num_labels(raw, cfg.dataset, cfg.model.task))
-    net = modeling.load_adapter(base, run_dir / rundir.ADAPTER)
+    net = modeling.load_adapter(base, run_dir / rundir.ADAPTER, allow_pickle)
     trainer = training.build_trainer(net, tokenized, tokenizer, cfg, run_dir)
     metrics = training.evaluate(trainer, cfg.model.task)
     recorded = rundir.read_json(run_dir / rundir.METRICS)
@@ -43,7 +43,7 @@ def evaluate_run(run_dir: Path) -> dict:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     with exit_on_user_error():
-        evaluate_run(Path(cfg.run_dir))
+        evaluate_run(Path(cfg.run_dir), cfg.allow_pickle)
 
 
 if __name__ == "__main__":

@@ -121,10 +121,19 @@ def trainable_params(net: torch.nn.Module) -> int:
     return sum(p.numel() for p in net.parameters() if p.requires_grad)
 
 
-def load_adapter(net, adapter_dir: Path):
-    """Base + a saved adapter, for evaluation."""
+def load_adapter(net, adapter_dir: Path, allow_pickle: bool = False):
+    """Base + a saved adapter, for evaluation. Pickle adapters (.bin) can run code: refused
+    unless allow_pickle."""
     from peft import PeftModel
 
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_model.safetensors").is_file():
+        if not (adapter_dir / "adapter_model.bin").is_file():
+            raise UserError(f"{adapter_dir} holds no adapter_model.safetensors")
+        if not allow_pickle:
+            raise UserError(f"{adapter_dir} holds a pickle adapter (adapter_model.bin), which can "
+                            f"run code when loaded; re-save it as safetensors, or add "
+                            f"allow_pickle=true if you trust its source")
     return PeftModel.from_pretrained(net, adapter_dir, is_trainable=False)
 
 

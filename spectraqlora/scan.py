@@ -74,6 +74,9 @@ def read_header(file: Path) -> tuple[int, dict, bytes]:
     except (struct.error, ValueError, UnicodeDecodeError) as exc:
         raise UserError(f"{file} is not a readable safetensors file ({exc})") from exc
     header.pop("__metadata__", None)
+    needed = 8 + length + max((m["data_offsets"][1] for m in header.values()), default=0)
+    if (size := file.stat().st_size) < needed:
+        raise UserError(f"{file} is truncated: {size} bytes, its header describes {needed}")
     return 8 + length, header, raw
 
 

@@ -5,6 +5,8 @@ Returns the final eval loss so any Hydra sweeper can minimize it.
 from __future__ import annotations
 
 import logging
+import math
+import shutil
 import time
 from pathlib import Path
 
@@ -15,7 +17,7 @@ from omegaconf import DictConfig
 
 from spectraqlora import checkpoint, exports, rundir
 from spectraqlora.config import CONF_DIR, RankAllocation, TrainConfig, to_train_config
-from spectraqlora.errors import exit_on_user_error
+from spectraqlora.errors import NonFiniteLoss, OutOfMemory, UserError, exit_on_user_error
 from spectraqlora.scan import scan_and_select
 from spectraqlora.selection import selection_record, snr_ranks
 
@@ -23,7 +25,38 @@ log = logging.getLogger("spectraqlora.train")
 
 
 def run(cfg: TrainConfig, run_dir: Path) -> dict:
-    """The whole path for one configuration; writes the run dir and returns its metrics."""
+    """The whole path for one configuration; writes the run dir and returns its metrics.
+
+    Out of memory becomes an OutOfMemory error that names the configuration, after the memory
+    is given back, so that the next trial of a sweep in this process starts clean.
+    """
+    resume_from = rundir.resume_point(run_dir, cfg.trainer.resume)
+    if (run_dir / rundir.METRICS).exists():
+        log.info("%s has finished already: nothing to resume", run_dir)
+        return rundir.read_json(run_dir / rundir.METRICS)
+    try:
+        return _run(cfg, run_dir, resume_from)
+    except UserError:
+        raise
+    except Exception as exc:
+        from spectraqlora.training import is_out_of_memory
+
+        if not is_out_of_memory(exc):
+            raise
+        cause = str(exc).splitlines()[0]
+    from spectraqlora.training import release_accelerator_memory
+
+    release_accelerator_memory()  # the failed run's frames are gone by now
+    raise OutOfMemory(
+        f"out of memory ({cause}) with model={cfg.model.name_or_path}, "
+        f"selection={cfg.selection.strategy.value} top_frac={cfg.selection.top_frac}, "
+        f"lora.r={cfg.lora.r}, quant={cfg.quant.mode.value}, trainer.per_device_train_batch_size="
+        f"{cfg.trainer.per_device_train_batch_size}, dataset.max_length={cfg.dataset.max_length}: "
+        f"lower the batch size (raise trainer.gradient_accumulation_steps to keep the effective "
+        f"batch), set trainer.gradient_checkpointing=true, or lower selection.top_frac or lora.r")
+
+
+def _run(cfg: TrainConfig, run_dir: Path, resume_from: Path | None) -> dict:
     path = checkpoint.resolve(cfg.model)  # first: a missing model fails before heavy imports
     files = checkpoint.safetensors_files(path)
     from transformers import set_seed
@@ -56,13 +89,18 @@ def run(cfg: TrainConfig, run_dir: Path) -> dict:
     trainer = training.build_trainer(net, tokenized, tokenizer, cfg, run_dir)
     before = training.evaluate(trainer, cfg.model.task)
     log.info("before training: %s", format_metrics(before))
+    if resume_from:
+        log.info("resuming from %s", resume_from)
     start = time.perf_counter()
-    trainer.train()
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     runtime = time.perf_counter() - start
     after = training.evaluate(trainer, cfg.model.task)
     log.info("after training:  %s", format_metrics(after))
+    if not math.isfinite(after["eval_loss"]):
+        raise NonFiniteLoss(f"the eval loss is {after['eval_loss']} after training; lower "
+                            f"trainer.learning_rate")
 
-    net.save_pretrained(run_dir / rundir.ADAPTER)
+    net.save_pretrained(run_dir / rundir.ADAPTER, safe_serialization=True)
     rundir.write_json(run_dir / rundir.SELECTION, selection_record(
         cfg.selection, chosen, lora_targets=targets, trainable_params=trainable,
         **({"ranks": ranks} if ranks else {})))
@@ -73,9 +111,12 @@ def run(cfg: TrainConfig, run_dir: Path) -> dict:
         "selected_modules": len(chosen),
         "train_runtime_s": runtime,
         "train_steps": trainer.state.global_step,
+        "skipped_steps": trainer.skipped_steps,
         "peak_mem_gb": training.peak_mem_gb(),
     }
     rundir.write_json(run_dir / rundir.METRICS, metrics)  # last: marks the run finished
+    if not cfg.trainer.keep_checkpoints:
+        shutil.rmtree(run_dir / rundir.CHECKPOINTS, ignore_errors=True)
     return metrics
 
 

@@ -1,0 +1,215 @@
+"""Crash safety, resume, numerical faults, security and determinism (small models, smoke runs)."""
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import compose, run_cli
+from spectraqlora import checkpoint, modeling, rundir, train
+from spectraqlora.config import to_train_config
+from spectraqlora.errors import NonFiniteLoss, OutOfMemory, UserError
+
+SMOKE = ("model=tiny_llama", "trainer=smoke", "selection=random", "trainer.save_steps=5")
+
+
+def config(*overrides):
+    return to_train_config(compose(*SMOKE, *overrides))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted smoke run, in process."""
+    run_dir = tmp_path_factory.mktemp("reference")
+    return run_dir, train.run(config(), run_dir)
+
+
+def test_same_seed_gives_the_same_selection_and_loss(reference, tmp_path):
+    ref_dir, ref = reference
+    again = train.run(config(), tmp_path)
+    assert again["eval_loss"] == pytest.approx(ref["eval_loss"], abs=1e-5)
+    selected = json.loads((tmp_path / "selection.json").read_text())["modules"]
+    assert selected == json.loads((ref_dir / "selection.json").read_text())["modules"]
+    from spectraqlora.scan import scan_and_select
+
+    files = checkpoint.safetensors_files(checkpoint.resolve(config().model))
+    assert scan_and_select(files, config("seed=7"))[1] != selected  # the seed does matter
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(reference, tmp_path):
+    _, ref = reference
+    run_dir = tmp_path / "run"
+    args = [*SMOKE, f"hydra.run.dir={run_dir}"]
+    proc = subprocess.Popen([sys.executable, "-m", "spectraqlora.train", *args], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while rundir.last_checkpoint(run_dir) is None and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before its first checkpoint"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "metrics.json").exists()
+    saved = {p.name for p in rundir.last_checkpoint(run_dir).iterdir()}
+    assert {"adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json"} <= saved
+    assert not any(name.startswith("model") for name in saved)  # never the 4-bit base
+
+    with pytest.raises(UserError, match=r"already holds checkpoints \(checkpoint-\d+\): add trainer.resume=true"):
+        train.run(config(), run_dir)
+
+    resumed = run_cli("train", *args, "trainer.resume=true", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout + resumed.stderr
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["train_steps"] == 20
+    assert metrics["eval_loss"] == pytest.approx(ref["eval_loss"], abs=1e-4)
+    assert not (run_dir / "checkpoints").exists()  # trainer.keep_checkpoints=false
+    assert train.run(config("trainer.resume=true"), run_dir) == metrics  # finished: nothing to do
+
+
+def test_nonfinite_loss_stops_the_run_without_a_result(tmp_path):
+    cfg = config("trainer.learning_rate=1e9", "trainer.max_grad_norm=0")
+    with pytest.raises(NonFiniteLoss, match=r"training loss became nan at step \d+.*trainer.on_nonfinite_loss=skip"):
+        train.run(cfg, tmp_path)
+    assert not (tmp_path / "metrics.json").exists()
+
+
+class Toy(torch.nn.Module):
+    """Regression whose loss is poisoned (NaN) on the rows that say so."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Linear(2, 1)
+
+    def forward(self, x, labels, poison):
+        return {"loss": ((self.w(x).squeeze(-1) - labels) ** 2).mean() + poison.sum()}
+
+
+@pytest.mark.parametrize("policy", ["error", "skip"])
+def test_nonfinite_loss_policy(tmp_path, policy):
+    from transformers import TrainingArguments
+
+    from spectraqlora.training import Trainer
+
+    rows = [{"x": [1.0, float(i)], "labels": float(i), "poison": math.nan if i == 3 else 0.0}
+            for i in range(6)]
+    trainer = Trainer(model=Toy(), train_dataset=rows, on_nonfinite_loss=policy,
+                      args=TrainingArguments(output_dir=str(tmp_path), max_steps=6, report_to="none",
+                                             per_device_train_batch_size=1, save_strategy="no",
+                                             remove_unused_columns=False, learning_rate=0.01))
+    before = trainer.model.w.weight.detach().clone()
+    if policy == "error":
+        with pytest.raises(NonFiniteLoss, match="loss became nan"):
+            trainer.train()
+        return
+    trainer.train()
+    assert trainer.skipped_steps == 1
+    assert torch.isfinite(trainer.model.w.weight).all()
+    assert not torch.equal(trainer.model.w.weight, before)
+
+
+def test_out_of_memory_names_the_configuration(tmp_path, monkeypatch):
+    import transformers
+
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(transformers.Trainer, "train", oom)
+    with pytest.raises(OutOfMemory, match=r"out of memory \(CUDA out of memory. Tried to allocate "
+                       r"20.00 GiB\) with model=.*tiny-llama.*selection=random top_frac=0.25, "
+                       r"lora.r=8, .*per_device_train_batch_size=8"):
+        train.run(config(), tmp_path)
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_pickle_adapters_are_refused_unless_allowed(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    path = checkpoint.resolve(config().model)
+    cfg = config()
+    net = modeling.add_lora(AutoModelForCausalLM.from_pretrained(path),
+                            ["model.layers.0.self_attn.q_proj"], cfg.lora, cfg.model)
+    net.save_pretrained(tmp_path, safe_serialization=False)
+    assert (tmp_path / "adapter_model.bin").is_file()
+    with pytest.raises(UserError, match=r"pickle adapter \(adapter_model.bin\).*allow_pickle=true"):
+        modeling.load_adapter(AutoModelForCausalLM.from_pretrained(path), tmp_path)
+    loaded = modeling.load_adapter(AutoModelForCausalLM.from_pretrained(path), tmp_path, allow_pickle=True)
+    assert "model.layers.0.self_attn.q_proj" in str(loaded.targeted_module_names)
+
+
+def test_secrets_in_the_environment_never_reach_run_files(tmp_path):
+    secrets = {"HF_TOKEN": "hf_FAKEtoken1234567890", "HUGGING_FACE_HUB_TOKEN": "hf_FAKEother0987",
+               "WANDB_API_KEY": "FAKEwandbkey" + "0" * 28}
+    run_dir = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "spectraqlora.train", "model=tiny_llama", "trainer=smoke",
+         "logger=wandb", f"hydra.run.dir={run_dir}"], cwd=tmp_path, capture_output=True, text=True,
+        timeout=600, env={**os.environ, **secrets, "WANDB_MODE": "offline"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    files = [p for p in run_dir.rglob("*") if p.is_file()]
+    assert any("wandb" in p.parts for p in files)  # the offline W&B run was written
+    for secret in secrets.values():
+        assert secret not in result.stdout + result.stderr
+        for path in files:
+            assert secret.encode() not in path.read_bytes(), path
+
+
+def _tiny_llama_copy(tmp_path):
+    src = checkpoint.resolve(config().model)
+    dst = tmp_path / "model"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _without_weights(tmp_path):
+    dst = _tiny_llama_copy(tmp_path)
+    for f in dst.glob("*.safetensors"):
+        f.unlink()
+    return [f"model.name_or_path={dst}"]
+
+
+def _truncated(tmp_path):
+    dst = _tiny_llama_copy(tmp_path)
+    weights = dst / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return [f"model.name_or_path={dst}"]
+
+
+def _empty_file(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    return ["dataset=file", f"dataset.path={tmp_path / 'empty.jsonl'}"]
+
+
+def _no_column(tmp_path):
+    (tmp_path / "rows.jsonl").write_text('{"question": "a", "response": "b"}\n' * 20)
+    return ["dataset=file", f"dataset.path={tmp_path / 'rows.jsonl'}"]
+
+
+@pytest.mark.parametrize("make, message", [
+    (_without_weights, "holds no *.safetensors weights"),
+    (_truncated, "is truncated"),
+    (_empty_file, "is empty"),
+    (_no_column, "its columns are: question, response"),
+    (lambda _: ["selection.strategy=layers", "selection.layers=[9]"], "[9] out of range; this model has layers 0..3"),
+    (lambda _: ["trainer.per_device_train_batch_size=-1"], "trainer.per_device_train_batch_size=-1 is out of range"),
+    (lambda _: ["trainer.max_steps=-5"], "trainer.max_steps=-5 is out of range"),
+    (lambda _: ["lora.dropout=1.0"], "lora.dropout=1.0 is out of range: expected a probability in [0, 1)"),
+    (lambda _: ["trainer.on_nonfinite_loss=ignore"], "expected one of error, skip"),
+])
+def test_bad_input_is_one_clear_error_and_no_result(tmp_path, make, message):
+    with pytest.raises(UserError) as caught:
+        train.run(config(*make(tmp_path)), tmp_path)
+    assert message in str(caught.value)
+    assert "\n" not in str(caught.value)
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_quantization_without_a_working_bitsandbytes_is_refused_early(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails as on a broken install
+    with pytest.raises(UserError, match="quant=nf4 needs a working bitsandbytes.*use quant=none"):
+        train.run(config(), tmp_path)
