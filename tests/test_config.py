@@ -39,6 +39,7 @@ def test_small_models_pick_the_small_trainer_but_the_command_line_wins():
 def test_every_model_config_validates_and_takes_a_local_path(name):
     cfg = to_train_config(compose(f"model={name}", "model.name_or_path=/ckpt"))
     assert cfg.model.name_or_path == "/ckpt"
+    assert cfg.model.trust_remote_code is False  # only when the user sets it
 
 
 @pytest.mark.parametrize("override, key", [
