@@ -87,11 +87,13 @@ def heatmap(table: dict[str, dict], chosen: list[str], path: Path, title: str) -
     plt.close(fig)
 
 
-def write_snr(run_dir: Path, table: dict[str, dict], chosen: list[str], model_name: str) -> None:
-    """snr.json, and snr_heatmap.png when the table has SNRs."""
+def write_snr(run_dir: Path, table: dict[str, dict], chosen: list[str], model_name: str) -> Path | None:
+    """snr.json, and snr_heatmap.png when the table has SNRs (its path is returned)."""
     rundir.write_json(run_dir / rundir.SNR, table)
-    if all(row["snr"] is not None for row in table.values()):
-        heatmap(table, chosen, run_dir / "snr_heatmap.png", model_name)
+    if any(row["snr"] is None for row in table.values()):
+        return None
+    heatmap(table, chosen, run_dir / "snr_heatmap.png", model_name)
+    return run_dir / "snr_heatmap.png"
 
 
 def write_all(run_dir: Path, table: dict[str, dict], chosen: list[str], model_slug: str,

@@ -37,6 +37,7 @@ from spectraqlora.config import CONF_DIR, RankAllocation, ScanConfig, TrainConfi
 from spectraqlora.errors import UserError, exit_on_user_error
 from spectraqlora.selection import NEEDS_SNR, select, selection_record
 from spectraqlora.snr import spectrum_snr
+from spectraqlora.telemetry import show_progress
 
 log = logging.getLogger("spectraqlora.scan")
 
@@ -212,7 +213,7 @@ def scan_and_select(files: list[Path], cfg: TrainConfig) -> tuple[dict[str, dict
     """The candidate table (restricted to selection.module_types) and the chosen names."""
     with_snr = (cfg.selection.strategy in NEEDS_SNR
                 or cfg.lora.rank_allocation is RankAllocation.snr)
-    table = scan(files, cfg.scan, with_snr=with_snr, progress=cfg.logger.progress)
+    table = scan(files, cfg.scan, with_snr=with_snr, progress=show_progress(cfg.logger))
     table = restrict_types(table, cfg.selection.module_types)
     return table, select(table, cfg.selection, cfg.seed)
 

@@ -15,27 +15,29 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from spectraqlora import checkpoint, exports, rundir
+from spectraqlora import checkpoint, exports, rundir, telemetry
 from spectraqlora.config import CONF_DIR, RankAllocation, TrainConfig, to_train_config
 from spectraqlora.errors import NonFiniteLoss, OutOfMemory, UserError, exit_on_user_error
 from spectraqlora.scan import scan_and_select
 from spectraqlora.selection import selection_record, snr_ranks
+from spectraqlora.telemetry import RunInfo
 
 log = logging.getLogger("spectraqlora.train")
 
 
-def run(cfg: TrainConfig, run_dir: Path) -> dict:
+def run(cfg: TrainConfig, run_dir: Path, info: RunInfo | None = None) -> dict:
     """The whole path for one configuration; writes the run dir and returns its metrics.
 
     Out of memory becomes an OutOfMemory error that names the configuration, after the memory
     is given back, so that the next trial of a sweep in this process starts clean.
     """
+    run_dir.mkdir(parents=True, exist_ok=True)
     resume_from = rundir.resume_point(run_dir, cfg.trainer.resume)
     if (run_dir / rundir.METRICS).exists():
         log.info("%s has finished already: nothing to resume", run_dir)
         return rundir.read_json(run_dir / rundir.METRICS)
     try:
-        return _run(cfg, run_dir, resume_from)
+        return _run(cfg, run_dir, resume_from, info or RunInfo())
     except UserError:
         raise
     except Exception as exc:
@@ -56,7 +58,8 @@ def run(cfg: TrainConfig, run_dir: Path) -> dict:
         f"batch), set trainer.gradient_checkpointing=true, or lower selection.top_frac or lora.r")
 
 
-def _run(cfg: TrainConfig, run_dir: Path, resume_from: Path | None) -> dict:
+def _run(cfg: TrainConfig, run_dir: Path, resume_from: Path | None, info: RunInfo) -> dict:
+    telemetry.configure_progress(telemetry.show_progress(cfg.logger))
     path = checkpoint.resolve(cfg.model)  # first: a missing model fails before heavy imports
     files = checkpoint.safetensors_files(path)
     from transformers import set_seed
@@ -69,7 +72,7 @@ def _run(cfg: TrainConfig, run_dir: Path, resume_from: Path | None) -> dict:
     raw = data.load(cfg.dataset, cfg.model.task, cfg.seed)
 
     table, chosen = scan_and_select(files, cfg)
-    exports.write_snr(run_dir, table, chosen, exports.slug(cfg.model.name_or_path))
+    heatmap = exports.write_snr(run_dir, table, chosen, exports.slug(cfg.model.name_or_path))
     log.info("selected %d of %d modules (%s):\n%s", len(chosen), len(table),
              cfg.selection.strategy.value, format_selection(table, chosen))
     ranks = None
@@ -83,38 +86,50 @@ def _run(cfg: TrainConfig, run_dir: Path, resume_from: Path | None) -> dict:
     targets = modeling.model_names(base, chosen)
     target_ranks = {t: ranks[n] for t, n in zip(targets, chosen)} if ranks else None
     net = modeling.add_lora(base, targets, cfg.lora, cfg.model, target_ranks)
-    trainable = modeling.trainable_params(net)
-    log.info("trainable parameters: %s", f"{trainable:,}")
+    trainable, total = net.get_nb_trainable_parameters()
+    log.info("trainable parameters: %s of %s", f"{trainable:,}", f"{total:,}")
 
-    trainer = training.build_trainer(net, tokenized, tokenizer, cfg, run_dir)
-    before = training.evaluate(trainer, cfg.model.task)
-    log.info("before training: %s", format_metrics(before))
-    if resume_from:
-        log.info("resuming from %s", resume_from)
-    start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    runtime = time.perf_counter() - start
-    after = training.evaluate(trainer, cfg.model.task)
-    log.info("after training:  %s", format_metrics(after))
-    if not math.isfinite(after["eval_loss"]):
-        raise NonFiniteLoss(f"the eval loss is {after['eval_loss']} after training; lower "
-                            f"trainer.learning_rate")
+    with telemetry.session(cfg, run_dir, info) as tel:
+        tel.selection(table, chosen, heatmap)
+        tel.log({"params/trainable": trainable, "params/trainable_frac": trainable / total,
+                 "selection/num_modules": len(chosen), "selection/top_frac": cfg.selection.top_frac,
+                 "lora/r": cfg.lora.r}, step=0)
+        meter = training.TelemetryCallback(tel, cfg.model.task)
+        trainer = training.build_trainer(net, tokenized, tokenizer, cfg, run_dir, [meter])
+        before = training.evaluate(trainer, cfg.model.task)
+        log.info("before training: %s", format_metrics(before))
+        if resume_from:
+            log.info("resuming from %s", resume_from)
+        start = time.perf_counter()
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        runtime = time.perf_counter() - start
+        after = training.evaluate(trainer, cfg.model.task)
+        log.info("after training:  %s", format_metrics(after))
+        if not math.isfinite(after["eval_loss"]):
+            raise NonFiniteLoss(f"the eval loss is {after['eval_loss']} after training; lower "
+                                f"trainer.learning_rate")
 
-    net.save_pretrained(run_dir / rundir.ADAPTER, safe_serialization=True)
-    rundir.write_json(run_dir / rundir.SELECTION, selection_record(
-        cfg.selection, chosen, lora_targets=targets, trainable_params=trainable,
-        **({"ranks": ranks} if ranks else {})))
-    metrics = {
-        **after,
-        **{f"{k}_before": v for k, v in before.items()},
-        "trainable_params": trainable,
-        "selected_modules": len(chosen),
-        "train_runtime_s": runtime,
-        "train_steps": trainer.state.global_step,
-        "skipped_steps": trainer.skipped_steps,
-        "peak_mem_gb": training.peak_mem_gb(),
-    }
-    rundir.write_json(run_dir / rundir.METRICS, metrics)  # last: marks the run finished
+        net.save_pretrained(run_dir / rundir.ADAPTER, safe_serialization=True)
+        rundir.write_json(run_dir / rundir.SELECTION, selection_record(
+            cfg.selection, chosen, lora_targets=targets, trainable_params=trainable,
+            **({"ranks": ranks} if ranks else {})))
+        mem = telemetry.memory()
+        metrics = {
+            **after,
+            **{f"{k}_before": v for k, v in before.items()},
+            "trainable_params": trainable,
+            "trainable_frac": trainable / total,
+            "selected_modules": len(chosen),
+            "lora_r": cfg.lora.r,
+            "train_runtime_s": runtime,
+            "train_steps": trainer.state.global_step,
+            "skipped_steps": trainer.skipped_steps,
+            **{k.removeprefix("perf/"): v for k, v in meter.totals(trainer.args, trainer.state).items()},
+            "peak_mem_gb": mem.get("mem/peak_allocated_gb", mem["mem/peak_rss_gb"]),
+            **{k.removeprefix("mem/"): v for k, v in mem.items()},
+        }
+        tel.summary(metrics)
+        rundir.write_json(run_dir / rundir.METRICS, metrics)  # last: marks the run finished
     if not cfg.trainer.keep_checkpoints:
         shutil.rmtree(run_dir / rundir.CHECKPOINTS, ignore_errors=True)
     return metrics
@@ -137,9 +152,20 @@ def format_metrics(metrics: dict) -> str:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
-    with exit_on_user_error(reraise=hydra_cfg.mode is RunMode.MULTIRUN):
-        metrics = run(to_train_config(cfg), Path(hydra_cfg.runtime.output_dir))
+    multirun = hydra_cfg.mode is RunMode.MULTIRUN
+    with exit_on_user_error(reraise=multirun):
+        metrics = run(to_train_config(cfg), Path(hydra_cfg.runtime.output_dir), run_info(hydra_cfg))
     return metrics["eval_loss"]
+
+
+def run_info(hydra_cfg) -> RunInfo:
+    """W&B naming: the overrides as the name; in a sweep, the study (or sweep dir) as group."""
+    name = ",".join(o for o in hydra_cfg.overrides.task if not o.startswith("hydra.")) or "default"
+    if hydra_cfg.mode is not RunMode.MULTIRUN:
+        return RunInfo(name=name)
+    sweep_dir = Path(hydra_cfg.sweep.dir)
+    group = hydra_cfg.sweeper.get("study_name") or f"{sweep_dir.parent.name}_{sweep_dir.name}"
+    return RunInfo(name=name, group=group, job_type="sweep-trial")
 
 
 if __name__ == "__main__":

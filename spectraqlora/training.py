@@ -6,9 +6,8 @@ import gc
 import inspect
 import logging
 import math
-import os
-import resource
-import sys
+import statistics
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ from transformers import TrainingArguments
 from spectraqlora import data, rundir
 from spectraqlora.config import TrainConfig, Task
 from spectraqlora.errors import NonFiniteLoss
+from spectraqlora.telemetry import Telemetry, memory, show_progress
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +45,9 @@ def training_arguments(cfg: TrainConfig, run_dir: Path) -> TrainingArguments:
         dataloader_pin_memory=torch.cuda.is_available(),
         bf16=bf16,
         seed=cfg.seed,
-        report_to=["wandb"] if cfg.logger.name == "wandb" else "none",
-        disable_tqdm=not (cfg.logger.progress and sys.stderr.isatty()),
+        report_to="none",  # W&B goes through spectraqlora.telemetry, with its own keys
+        include_num_input_tokens_seen="non_padding",
+        disable_tqdm=not show_progress(cfg.logger),
         remove_unused_columns=False,
         label_names=["labels"],
         prediction_loss_only=cfg.model.task is not Task.classification,
@@ -89,9 +90,61 @@ def accuracy(eval_pred) -> dict:
     return {"accuracy": float((np.argmax(logits, axis=-1) == labels).mean())}
 
 
-def build_trainer(net, tokenized, tokenizer, cfg: TrainConfig, run_dir: Path) -> Trainer:
-    if cfg.logger.name == "wandb":
-        _wandb_env(cfg, run_dir)
+# Trainer log keys -> telemetry keys (README, "Telemetry")
+_KEYS = {"loss": "train/loss", "learning_rate": "train/lr", "grad_norm": "train/grad_norm",
+         "eval_loss": "eval/loss", "eval_accuracy": "eval/accuracy"}
+
+
+class TelemetryCallback(transformers.TrainerCallback):
+    """The Trainer's logs under the telemetry keys, plus throughput over each logging window
+    (step times of training steps only, so evaluations in between do not count) and memory."""
+
+    def __init__(self, telemetry: Telemetry, task: Task):
+        self.telemetry, self.task = telemetry, task
+        self.window: list[float] = []  # step times since the last train log
+        self.steps: list[float] = []  # all step times of this process
+        self.tokens_begin = self.tokens_window = 0
+        self.started = 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.tokens_begin = self.tokens_window = state.num_input_tokens_seen
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.started = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.window.append(time.perf_counter() - self.started)
+        self.steps.append(self.window[-1])
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        out = {new: logs[old] for old, new in _KEYS.items() if old in (logs or {})}
+        if "eval/loss" in out and self.task is not Task.classification:
+            out["eval/perplexity"] = perplexity(out["eval/loss"])
+        if "train/loss" in out and self.window:
+            out.update(throughput(self.window, state.num_input_tokens_seen - self.tokens_window, args))
+            out["perf/train_tokens"] = state.num_input_tokens_seen
+            self.window, self.tokens_window = [], state.num_input_tokens_seen
+        if out:
+            self.telemetry.log({**out, **memory()}, state.global_step)
+
+    def totals(self, args, state) -> dict:
+        """Throughput over every training step this process ran (for metrics.json)."""
+        if not self.steps:
+            return {}
+        return {**throughput(self.steps, state.num_input_tokens_seen - self.tokens_begin, args),
+                "perf/train_tokens": state.num_input_tokens_seen}
+
+
+def throughput(step_times: list[float], tokens: int, args: TrainingArguments) -> dict:
+    busy = sum(step_times)
+    samples = len(step_times) * args.train_batch_size * args.gradient_accumulation_steps * args.world_size
+    return {"perf/step_time_s": statistics.median(step_times),
+            "perf/tokens_per_sec": tokens / busy,
+            "perf/samples_per_sec": samples / busy}
+
+
+def build_trainer(net, tokenized, tokenizer, cfg: TrainConfig, run_dir: Path,
+                  callbacks: list | None = None) -> Trainer:
     return Trainer(
         model=net,
         args=training_arguments(cfg, run_dir),
@@ -101,18 +154,27 @@ def build_trainer(net, tokenized, tokenizer, cfg: TrainConfig, run_dir: Path) ->
         processing_class=tokenizer,
         compute_metrics=accuracy if cfg.model.task is Task.classification else None,
         on_nonfinite_loss=cfg.trainer.on_nonfinite_loss,
+        callbacks=callbacks,
     )
 
 
 def evaluate(trainer: Trainer, task: Task) -> dict:
-    """eval_loss, plus eval_accuracy (classification) or eval_perplexity (language models)."""
-    raw = trainer.evaluate()
+    """eval_loss, plus eval_accuracy (classification) or eval_perplexity (language models).
+
+    An evaluation the Trainer has just run at this very step is reused, not repeated."""
+    step = trainer.state.global_step
+    done = [h for h in trainer.state.log_history if "eval_loss" in h and h.get("step") == step > 0]
+    raw = done[-1] if done else trainer.evaluate()
     out = {"eval_loss": raw["eval_loss"]}
     if task is Task.classification:
         out["eval_accuracy"] = raw["eval_accuracy"]
     else:
-        out["eval_perplexity"] = math.exp(min(raw["eval_loss"], 700.0))
+        out["eval_perplexity"] = perplexity(raw["eval_loss"])
     return out
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 700.0))
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -125,28 +187,3 @@ def release_accelerator_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def peak_mem_gb() -> float:
-    """Peak GPU memory allocated on CUDA, else the process's peak RSS."""
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
-def _wandb_env(cfg: TrainConfig, run_dir: Path) -> None:
-    """Point the Trainer's W&B callback at the run dir; offline when no key is set up."""
-    os.environ.setdefault("WANDB_DIR", str(run_dir))
-    if cfg.logger.project:
-        os.environ["WANDB_PROJECT"] = cfg.logger.project
-    if cfg.logger.entity:
-        os.environ["WANDB_ENTITY"] = cfg.logger.entity
-    has_key = os.environ.get("WANDB_API_KEY") or "api.wandb.ai" in _netrc()
-    if not has_key and "WANDB_MODE" not in os.environ:
-        os.environ["WANDB_MODE"] = "offline"
-        log.info("W&B: no API key, logging offline under %s (upload later: wandb sync)", run_dir)
-
-
-def _netrc() -> str:
-    path = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
-    return path.read_text() if path.is_file() else ""

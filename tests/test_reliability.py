@@ -1,7 +1,6 @@
 """Crash safety, resume, numerical faults, security and determinism (small models, smoke runs)."""
 import json
 import math
-import os
 import shutil
 import signal
 import subprocess
@@ -140,23 +139,6 @@ def test_pickle_adapters_are_refused_unless_allowed(tmp_path):
         modeling.load_adapter(AutoModelForCausalLM.from_pretrained(path), tmp_path)
     loaded = modeling.load_adapter(AutoModelForCausalLM.from_pretrained(path), tmp_path, allow_pickle=True)
     assert "model.layers.0.self_attn.q_proj" in str(loaded.targeted_module_names)
-
-
-def test_secrets_in_the_environment_never_reach_run_files(tmp_path):
-    secrets = {"HF_TOKEN": "hf_FAKEtoken1234567890", "HUGGING_FACE_HUB_TOKEN": "hf_FAKEother0987",
-               "WANDB_API_KEY": "FAKEwandbkey" + "0" * 28}
-    run_dir = tmp_path / "run"
-    result = subprocess.run(
-        [sys.executable, "-m", "spectraqlora.train", "model=tiny_llama", "trainer=smoke",
-         "logger=wandb", f"hydra.run.dir={run_dir}"], cwd=tmp_path, capture_output=True, text=True,
-        timeout=600, env={**os.environ, **secrets, "WANDB_MODE": "offline"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    files = [p for p in run_dir.rglob("*") if p.is_file()]
-    assert any("wandb" in p.parts for p in files)  # the offline W&B run was written
-    for secret in secrets.values():
-        assert secret not in result.stdout + result.stderr
-        for path in files:
-            assert secret.encode() not in path.read_bytes(), path
 
 
 def _tiny_llama_copy(tmp_path):

@@ -1,0 +1,179 @@
+"""Where a run's numbers go: metrics.jsonl in the run dir and, with logger=wandb, a W&B run.
+
+Both sinks get the same keys (README, "Telemetry"). W&B is never allowed to fail or stall a
+training run: without an API key it logs offline under the run dir, and any W&B error becomes
+one warning after which the run goes on with metrics.jsonl alone.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import resource
+import sys
+import uuid
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from spectraqlora import rundir
+from spectraqlora.config import LoggerConfig, TrainConfig
+
+log = logging.getLogger(__name__)
+
+JSONL = "metrics.jsonl"
+WANDB_ID = "wandb_id"  # the run's W&B id, so a resumed run continues the same W&B run
+
+
+@dataclasses.dataclass
+class RunInfo:
+    """How this run is named and grouped in W&B (from Hydra's overrides and mode)."""
+
+    name: str | None = None
+    group: str | None = None
+    job_type: str = "train"
+
+
+def show_progress(logger: LoggerConfig) -> bool:
+    """Progress bars on a terminal unless logger.progress=false; never in captured output."""
+    return logger.progress and sys.stderr.isatty()
+
+
+def configure_progress(enabled: bool) -> None:
+    """Turn the libraries' own bars (downloads, checkpoint writing, weight loading, dataset
+    maps) on or off with ours, without importing the heavy ones before they are needed:
+    transformers takes the hub's setting when imported, datasets reads its variable."""
+    from huggingface_hub import utils as hub
+
+    hub.enable_progress_bars() if enabled else hub.disable_progress_bars()
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as tf_logging
+
+        tf_logging.enable_progress_bar() if enabled else tf_logging.disable_progress_bar()
+    if "datasets" in sys.modules:
+        import datasets
+
+        datasets.enable_progress_bars() if enabled else datasets.disable_progress_bars()
+    else:
+        os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "0" if enabled else "1"
+
+
+def memory() -> dict:
+    """mem/peak_rss_gb everywhere; CUDA's peak allocated and reserved where there is a GPU."""
+    import torch
+
+    out = {"mem/peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # KiB
+    if torch.cuda.is_available():
+        out["mem/peak_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        out["mem/peak_reserved_gb"] = torch.cuda.max_memory_reserved() / 2**30
+    return out
+
+
+class Telemetry:
+    """The sinks of one run: metrics.jsonl (appended, so a resumed run keeps its history) and
+    an optional W&B run."""
+
+    def __init__(self, run_dir: Path, wandb_run=None):
+        self.path = Path(run_dir) / JSONL
+        self.wandb = wandb_run
+
+    def log(self, metrics: dict, step: int) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        self._wandb(lambda run: run.log(metrics, step=step))
+
+    def summary(self, metrics: dict) -> None:
+        self._wandb(lambda run: run.summary.update(metrics))
+
+    def selection(self, table: dict[str, dict], chosen: list[str], heatmap: Path | None) -> None:
+        """The SNR table with what was selected, and the heatmap, as W&B media."""
+        def send(run):
+            import wandb
+
+            picked = set(chosen)
+            rows = [[n, e["type"], e["layer"], e["snr"], n in picked] for n, e in table.items()]
+            media = {"selection": wandb.Table(columns=["module", "type", "layer", "snr", "selected"],
+                                              data=rows)}
+            if heatmap is not None and heatmap.is_file():
+                media["snr_heatmap"] = wandb.Image(str(heatmap))
+            run.log(media, step=0)
+
+        self._wandb(send)
+
+    def finish(self, failed: bool) -> None:
+        self._wandb(lambda run: run.finish(exit_code=1 if failed else 0))
+        self.wandb = None
+
+    def _wandb(self, call) -> None:
+        if self.wandb is None:
+            return
+        try:
+            call(self.wandb)
+        except Exception as exc:  # W&B must never fail training
+            log.warning("W&B: %s; going on without it (metrics.jsonl keeps every value)",
+                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            self.wandb = None
+
+
+@contextlib.contextmanager
+def session(cfg: TrainConfig, run_dir: Path, info: RunInfo):
+    """Telemetry for one run; its W&B run is finished however the run ends, so trials of a
+    sweep in one process never merge into one W&B run."""
+    telemetry = Telemetry(run_dir, start_wandb(cfg, run_dir, info) if cfg.logger.name == "wandb" else None)
+    failed = True
+    try:
+        yield telemetry
+        failed = False
+    finally:
+        telemetry.finish(failed)
+
+
+def start_wandb(cfg: TrainConfig, run_dir: Path, info: RunInfo):
+    """A W&B run for this training job, or None (with one warning) when W&B cannot start."""
+    try:
+        import wandb
+
+        mode = wandb_mode()
+        return wandb.init(
+            project=cfg.logger.project or os.environ.get("WANDB_PROJECT"),
+            entity=cfg.logger.entity or os.environ.get("WANDB_ENTITY"),
+            name=info.name,
+            group=info.group,
+            job_type=info.job_type,
+            tags=[cfg.model.name_or_path.rstrip("/").split("/")[-1][:64],
+                  cfg.selection.strategy.value, cfg.quant.mode.value],
+            config=OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True),
+            dir=str(run_dir),
+            id=_wandb_id(run_dir),
+            resume="allow",
+            reinit="finish_previous",
+            mode=mode,
+            settings=wandb.Settings(init_timeout=60, silent=True),
+        )
+    except Exception as exc:
+        log.warning("W&B could not start (%s); training goes on, metrics.jsonl keeps every value",
+                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return None
+
+
+def wandb_mode() -> str | None:
+    """WANDB_MODE when set; offline when no API key is set up (said in one line); else W&B's own."""
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    if os.environ.get("WANDB_API_KEY") or (netrc.is_file() and "api.wandb.ai" in netrc.read_text()):
+        return None
+    log.info("W&B: no API key, logging offline in the run dir (upload later: wandb sync <dir>)")
+    return "offline"
+
+
+def _wandb_id(run_dir: Path) -> str:
+    """The W&B run id kept in the run dir, made on the first start."""
+    path = Path(run_dir) / WANDB_ID
+    if path.is_file():
+        return path.read_text().strip()
+    run_id = uuid.uuid4().hex[:12]
+    rundir.write_text(path, run_id)
+    return run_id

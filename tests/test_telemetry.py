@@ -1,0 +1,108 @@
+"""metrics.jsonl and W&B: the same keys, offline by itself, never failing or merging runs."""
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import compose
+from spectraqlora import telemetry, train
+from spectraqlora.config import to_train_config
+
+SECRETS = {"HF_TOKEN": "hf_FAKEtoken1234567890", "HUGGING_FACE_HUB_TOKEN": "hf_FAKEother0987",
+           "WANDB_API_KEY": "FAKEwandbkey" + "0" * 28}
+KEYS = ["train/loss", "train/lr", "train/grad_norm", "eval/loss", "eval/perplexity",
+        "perf/tokens_per_sec", "perf/samples_per_sec", "perf/step_time_s", "perf/train_tokens",
+        "mem/peak_rss_gb", "params/trainable", "params/trainable_frac", "selection/num_modules",
+        "selection/top_frac", "lora/r"]
+QUICK = ("model=tiny_llama", "trainer=smoke", "trainer.max_steps=4", "trainer.logging_steps=2",
+         "trainer.eval_steps=0", "dataset.eval_size=32")
+
+
+@pytest.fixture(scope="module")
+def wandb_run(tmp_path_factory):
+    """A smoke train with logger=wandb, offline, with fake tokens in its environment."""
+    tmp = tmp_path_factory.mktemp("wandb")
+    run_dir = tmp / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "spectraqlora.train", "model=tiny_llama", "trainer=smoke",
+         "logger=wandb", f"hydra.run.dir={run_dir}"], cwd=tmp, capture_output=True, text=True,
+        timeout=600, env={**os.environ, **SECRETS, "WANDB_MODE": "offline"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir, result
+
+
+def test_metrics_jsonl_has_every_key_with_sane_values(wandb_run):
+    run_dir, _ = wandb_run
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    seen = {k for row in rows for k in row}
+    assert set(KEYS) <= seen
+    train_rows = [r for r in rows if "train/loss" in r]
+    assert [r["step"] for r in train_rows] == [5, 10, 15, 20]  # trainer=smoke logs every 5 steps
+    assert all(r["perf/tokens_per_sec"] > 0 and r["perf/step_time_s"] > 0 for r in train_rows)
+    assert all(r["mem/peak_rss_gb"] > 0.1 for r in rows if "mem/peak_rss_gb" in r)
+    assert all(math.isfinite(r["eval/loss"]) for r in rows if "eval/loss" in r)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert train_rows[-1]["perf/train_tokens"] == metrics["train_tokens"] > 20 * 8  # > 1 token a row
+    assert metrics["tokens_per_sec"] > 0 and metrics["peak_rss_gb"] > 0.1
+
+
+def test_offline_wandb_run_holds_the_same_keys(wandb_run):
+    run_dir, _ = wandb_run
+    (record,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
+    raw = record.read_bytes()
+    for key in KEYS + ["selection", "snr_heatmap"]:
+        assert key.encode() in raw, key
+    assert (run_dir / "wandb_id").read_text() in record.name
+
+
+def test_secrets_in_the_environment_never_reach_run_files(wandb_run):
+    run_dir, result = wandb_run
+    files = [p for p in run_dir.rglob("*") if p.is_file()]
+    assert any("wandb" in p.parts for p in files)  # the W&B files are among those checked
+    for secret in SECRETS.values():
+        assert secret not in result.stdout + result.stderr
+        for path in files:
+            assert secret.encode() not in path.read_bytes(), path
+
+
+def test_progress_bars_stay_quiet_when_output_is_not_a_terminal(wandb_run):
+    _, result = wandb_run
+    assert "it/s]" not in result.stderr and "examples/s]" not in result.stderr
+
+
+def test_without_an_api_key_wandb_goes_offline_and_says_so(monkeypatch, tmp_path, caplog):
+    for var in ("WANDB_MODE", "WANDB_API_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "none"))
+    with caplog.at_level(logging.INFO):
+        assert telemetry.wandb_mode() == "offline"
+    assert "no API key, logging offline" in caplog.text
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert telemetry.wandb_mode() is None  # W&B's own default: online
+
+
+def test_two_runs_in_one_process_are_two_wandb_runs(monkeypatch, tmp_path):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = to_train_config(compose(*QUICK, "logger=wandb"))
+    for name in ("a", "b"):
+        train.run(cfg, tmp_path / name, telemetry.RunInfo(name=name, group="g", job_type="sweep-trial"))
+    import wandb
+
+    assert wandb.run is None  # finished, not left open for the next trial
+    ids = {(tmp_path / n / "wandb_id").read_text() for n in ("a", "b")}
+    assert len(ids) == 2
+    for n in ("a", "b"):
+        assert len(list((tmp_path / n).glob("wandb/offline-run-*/run-*.wandb"))) == 1
+
+
+def test_a_wandb_failure_does_not_fail_training(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("WANDB_MODE", "bogus")
+    with caplog.at_level(logging.WARNING):
+        metrics = train.run(to_train_config(compose(*QUICK, "logger=wandb")), tmp_path)
+    assert "W&B could not start" in caplog.text
+    assert (tmp_path / "metrics.json").is_file() and math.isfinite(metrics["eval_loss"])
+    assert (tmp_path / "metrics.jsonl").is_file()
