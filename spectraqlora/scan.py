@@ -191,6 +191,7 @@ def scan(files: list[Path], cfg: ScanConfig, *, with_snr: bool = True,
         return table
     table = compute(files, with_snr=with_snr, device=cfg.device, progress=progress)
     if with_snr:
+        log.info("spectrum scan: computed %d matrices, cached as %s", len(table), entry)
         entry.parent.mkdir(parents=True, exist_ok=True)
         rundir.write_json(entry, {"key": key, "version": SCAN_VERSION, "table": table,
                                   "sha256": _digest(table)})

@@ -15,6 +15,7 @@ import resource
 import sys
 import uuid
 from pathlib import Path
+from typing import Any
 
 from omegaconf import OmegaConf
 
@@ -29,11 +30,13 @@ WANDB_ID = "wandb_id"  # the run's W&B id, so a resumed run continues the same W
 
 @dataclasses.dataclass
 class RunInfo:
-    """How this run is named and grouped in W&B (from Hydra's overrides and mode)."""
+    """How this run is named and grouped in W&B (from Hydra's overrides and mode), and the
+    Optuna trial it reports its eval losses to in a sweep."""
 
     name: str | None = None
     group: str | None = None
     job_type: str = "train"
+    trial: Any = None
 
 
 def show_progress(logger: LoggerConfig) -> bool:
@@ -132,26 +135,52 @@ def session(cfg: TrainConfig, run_dir: Path, info: RunInfo):
 
 def start_wandb(cfg: TrainConfig, run_dir: Path, info: RunInfo):
     """A W&B run for this training job, or None (with one warning) when W&B cannot start."""
+    return _init_wandb(
+        project=cfg.logger.project, entity=cfg.logger.entity,
+        name=info.name, group=info.group, job_type=info.job_type,
+        tags=[cfg.model.name_or_path.rstrip("/").split("/")[-1][:64],
+              cfg.selection.strategy.value, cfg.quant.mode.value],
+        config=OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True),
+        dir=str(run_dir), id=_wandb_id(run_dir), resume="allow")
+
+
+def log_sweep_summary(config, study_name: str, sweep_dir: Path, table, plots: list[Path]) -> None:
+    """With logger=wandb: the sweep's trials table and plots as a W&B run of job_type
+    sweep-summary, grouped with its trials (they stay as files in the sweep dir either way)."""
+    if OmegaConf.select(config, "logger.name") != "wandb":
+        return
+    sweeper = config.hydra.sweeper
+    run = _init_wandb(
+        project=OmegaConf.select(config, "logger.project"),
+        entity=OmegaConf.select(config, "logger.entity"),
+        name=f"{study_name} summary", group=study_name, job_type="sweep-summary", dir=str(sweep_dir),
+        config={"study_name": study_name, "n_trials": sweeper.n_trials,
+                "direction": OmegaConf.to_container(sweeper.direction) if OmegaConf.is_list(
+                    sweeper.direction) else sweeper.direction,
+                "params": OmegaConf.to_container(sweeper.params or {}, resolve=True)})
+    telemetry = Telemetry(sweep_dir, run)
+    when = table.select_dtypes(include=["datetime", "timedelta"]).columns
+    def send(run):
+        import wandb
+
+        run.log({"trials": wandb.Table(dataframe=table.astype({c: str for c in when})),
+                 **{p.stem: wandb.Image(str(p)) for p in plots}})
+
+    telemetry._wandb(send)
+    telemetry.finish(failed=False)
+
+
+def _init_wandb(*, project, entity, **kwargs):
     try:
         import wandb
 
-        mode = wandb_mode()
         return wandb.init(
-            project=cfg.logger.project or os.environ.get("WANDB_PROJECT"),
-            entity=cfg.logger.entity or os.environ.get("WANDB_ENTITY"),
-            name=info.name,
-            group=info.group,
-            job_type=info.job_type,
-            tags=[cfg.model.name_or_path.rstrip("/").split("/")[-1][:64],
-                  cfg.selection.strategy.value, cfg.quant.mode.value],
-            config=OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True),
-            dir=str(run_dir),
-            id=_wandb_id(run_dir),
-            resume="allow",
+            project=project or os.environ.get("WANDB_PROJECT"),
+            entity=entity or os.environ.get("WANDB_ENTITY"),
+            mode=wandb_mode(),
             reinit="finish_previous",
-            mode=mode,
             settings=wandb.Settings(init_timeout=60, silent=True),
-        )
+            **kwargs)
     except Exception as exc:
         log.warning("W&B could not start (%s); training goes on, metrics.jsonl keeps every value",
                     str(exc).splitlines()[0] if str(exc) else type(exc).__name__)

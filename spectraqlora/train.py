@@ -20,6 +20,7 @@ from spectraqlora.config import CONF_DIR, RankAllocation, TrainConfig, to_train_
 from spectraqlora.errors import NonFiniteLoss, OutOfMemory, UserError, exit_on_user_error
 from spectraqlora.scan import scan_and_select
 from spectraqlora.selection import selection_record, snr_ranks
+from spectraqlora.sweep import current_trial
 from spectraqlora.telemetry import RunInfo
 
 log = logging.getLogger("spectraqlora.train")
@@ -95,7 +96,8 @@ def _run(cfg: TrainConfig, run_dir: Path, resume_from: Path | None, info: RunInf
                  "selection/num_modules": len(chosen), "selection/top_frac": cfg.selection.top_frac,
                  "lora/r": cfg.lora.r}, step=0)
         meter = training.TelemetryCallback(tel, cfg.model.task)
-        trainer = training.build_trainer(net, tokenized, tokenizer, cfg, run_dir, [meter])
+        callbacks = [meter] + ([training.PruningCallback(info.trial)] if info.trial else [])
+        trainer = training.build_trainer(net, tokenized, tokenizer, cfg, run_dir, callbacks)
         before = training.evaluate(trainer, cfg.model.task)
         log.info("before training: %s", format_metrics(before))
         if resume_from:
@@ -159,13 +161,14 @@ def main(cfg: DictConfig) -> float:
 
 
 def run_info(hydra_cfg) -> RunInfo:
-    """W&B naming: the overrides as the name; in a sweep, the study (or sweep dir) as group."""
+    """W&B naming: the overrides as the name; in a sweep, the study (or sweep dir) as group,
+    and the Optuna trial to report to when spectraqlora's sweeper runs it."""
     name = ",".join(o for o in hydra_cfg.overrides.task if not o.startswith("hydra.")) or "default"
     if hydra_cfg.mode is not RunMode.MULTIRUN:
         return RunInfo(name=name)
     sweep_dir = Path(hydra_cfg.sweep.dir)
     group = hydra_cfg.sweeper.get("study_name") or f"{sweep_dir.parent.name}_{sweep_dir.name}"
-    return RunInfo(name=name, group=group, job_type="sweep-trial")
+    return RunInfo(name=name, group=group, job_type="sweep-trial", trial=current_trial(hydra_cfg))
 
 
 if __name__ == "__main__":

@@ -135,6 +135,23 @@ class TelemetryCallback(transformers.TrainerCallback):
                 "perf/train_tokens": state.num_input_tokens_seen}
 
 
+class PruningCallback(transformers.TrainerCallback):
+    """Reports each eval loss to the Optuna trial this run is, and stops the run when the
+    study's pruner says so (the sweeper records the trial PRUNED with that last value)."""
+
+    def __init__(self, trial):
+        self.trial = trial
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        import optuna
+
+        if state.global_step == 0 or "eval_loss" not in (metrics or {}):
+            return
+        self.trial.report(metrics["eval_loss"], state.global_step)
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(f"eval loss {metrics['eval_loss']:.6g} at step {state.global_step}")
+
+
 def throughput(step_times: list[float], tokens: int, args: TrainingArguments) -> dict:
     busy = sum(step_times)
     samples = len(step_times) * args.train_batch_size * args.gradient_accumulation_steps * args.world_size

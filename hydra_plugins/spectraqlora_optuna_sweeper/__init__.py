@@ -1,0 +1,1 @@
+"""spectraqlora's Optuna sweeper for Hydra: `hydra/sweeper=spectraqlora_optuna`."""

@@ -1,0 +1,361 @@
+"""Ask/tell over Hydra's launcher, one trial at a time per worker (README, "Sweeps").
+
+Job number = trial number, so `multirun/<date>/<time>/<n>/` is trial n, across resumes and
+workers. A failed, NaN or out-of-memory trial is recorded FAIL with its error and the sweep goes
+on; results files are rewritten (atomically) after every trial.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+import subprocess
+import sys
+import threading
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import optuna
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import (ChoiceSweep, IntervalSweep, Override, RangeSweep,
+                                              Transformer)
+from hydra.core.plugins import Plugins
+from hydra.core.utils import JobStatus
+from hydra.utils import instantiate
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from optuna.storages._heartbeat import BaseHeartbeat
+
+from spectraqlora import rundir, telemetry
+from spectraqlora.errors import UserError, exit_on_user_error
+from spectraqlora.sweep import make_pruner, make_storage, storage_url
+
+log = logging.getLogger(__name__)
+State = optuna.trial.TrialState
+RESULTS = "optimization_results.yaml"
+
+
+def distribution(override: Override):
+    """The Optuna distribution of a sweep override (choice, range, interval with tags log/int),
+    or None for a plain value."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    if not override.is_sweep_override():
+        return None
+    value = override.value()
+    if isinstance(value, ChoiceSweep) or (isinstance(value, RangeSweep) and value.shuffle):
+        return CategoricalDistribution(list(override.sweep_iterator(transformer=Transformer.encode)))
+    if isinstance(value, RangeSweep):
+        if any(isinstance(v, float) for v in (value.start, value.stop, value.step)):
+            return FloatDistribution(value.start, value.stop, step=value.step)
+        return IntDistribution(int(value.start), int(value.stop) - 1, step=int(value.step))
+    if isinstance(value, IntervalSweep):
+        log_scale = "log" in value.tags
+        if isinstance(value.start, int) and isinstance(value.end, int):
+            return IntDistribution(value.start, value.end, log=log_scale)
+        return FloatDistribution(value.start, value.end, log=log_scale)
+    raise UserError(f"{override.input_line}: not a search space Optuna can sample")
+
+
+def suggest(trial: optuna.Trial, name: str, dist) -> Any:
+    from optuna.distributions import CategoricalDistribution, IntDistribution
+
+    if isinstance(dist, CategoricalDistribution):
+        return trial.suggest_categorical(name, dist.choices)
+    if isinstance(dist, IntDistribution):
+        return trial.suggest_int(name, dist.low, dist.high, step=dist.step, log=dist.log)
+    return trial.suggest_float(name, dist.low, dist.high, step=dist.step, log=dist.log)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Heartbeat:
+    """Records the trial's heartbeat while its job runs, so other workers can tell a live trial
+    from one whose worker died (RDB storages)."""
+
+    def __init__(self, storage, trial_id: int, interval: int):
+        self.stop = threading.Event()
+        if not isinstance(storage, BaseHeartbeat) or storage.get_heartbeat_interval() is None:
+            return
+
+        def run():
+            while True:
+                storage.record_heartbeat(trial_id)
+                if self.stop.wait(interval):
+                    return
+
+        threading.Thread(target=run, daemon=True).start()
+
+
+class SweeperImpl:
+    def __init__(self, sampler, pruner, direction, objectives, storage, study_name, n_trials,
+                 n_jobs, max_failure_rate, heartbeat_interval, grace_period, params):
+        # sampler and pruner arrive instantiated; setup() keeps their configs instead (a resumed
+        # study reseeds the sampler, and trial processes build the same pruner)
+        self.directions = list(direction) if isinstance(direction, (list, ListConfig)) else [direction]
+        self.objectives = list(objectives) if objectives else None
+        self.storage, self.study_name, self.params = storage, study_name, params or {}
+        self.n_trials, self.n_jobs, self.max_failure_rate = n_trials, n_jobs, max_failure_rate
+        self.heartbeat_interval, self.grace_period = heartbeat_interval, grace_period
+
+    def setup(self, *, hydra_context, task_function, config: DictConfig) -> None:
+        self.config = config
+        self.sampler_cfg, self.pruner_cfg = config.hydra.sweeper.sampler, config.hydra.sweeper.pruner
+        self.launcher = Plugins.instance().instantiate_launcher(
+            hydra_context=hydra_context, task_function=task_function, config=config)
+        self.sweep_dir = Path(config.hydra.sweep.dir)
+
+    def sweep(self, arguments: list[str]) -> None:
+        with exit_on_user_error():
+            self._sweep(arguments)
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def _sweep(self, arguments: list[str]) -> None:
+        self._check()
+        self.sweep_dir.mkdir(parents=True, exist_ok=True)
+        rundir.write_text(self.sweep_dir / "multirun.yaml", OmegaConf.to_yaml(self.config))
+        fixed, space = self._search_space(arguments)
+        self.url = storage_url(self, self.sweep_dir)
+        self.storage_obj = make_storage(self.url, self.heartbeat_interval, self.grace_period)
+        study = optuna.create_study(study_name=self.study_name, storage=self.storage_obj,
+                                    pruner=make_pruner(self.pruner_cfg), directions=self.directions,
+                                    load_if_exists=True)
+        if study.directions != [optuna.study.StudyDirection[d.upper()] for d in self.directions]:
+            raise UserError(f"study {self.study_name} in {self._shown_url()} has directions "
+                            f"{[d.name.lower() for d in study.directions]}, not {self.directions}")
+        study.sampler = self._sampler(space, len(study.trials))
+        self._fail_dead_trials(study)
+        done = len(study.trials)
+        log.info("study %s in %s: %d trials so far, %d to go", self.study_name, self._shown_url(),
+                 done, max(0, self.n_trials - done))
+        workers = self._spawn_workers()
+        try:
+            while len(study.get_trials(deepcopy=False)) < self.n_trials:
+                self._check_failures(study)
+                with warnings.catch_warnings():  # heartbeats are ours, not Study.optimize's
+                    warnings.simplefilter("ignore", UserWarning)
+                    trial = study.ask()
+                if trial.number >= self.n_trials:  # another worker took the last one
+                    self._fail(study, trial, "surplus: the study had n_trials already")
+                    break
+                self._run(study, trial, fixed, space)
+                self._write_results(study)
+        finally:
+            for worker in workers:
+                if worker.wait() != 0:
+                    log.warning("sweep worker pid %d exited with %d", worker.pid, worker.returncode)
+        self._check_failures(study)
+        self._write_results(study, final=True)
+
+    def _run(self, study: optuna.Study, trial: optuna.Trial, fixed: list[str], space: dict) -> None:
+        trial.set_user_attr("worker_host", socket.gethostname())
+        trial.set_user_attr("worker_pid", os.getpid())
+        params = [f"{name}={suggest(trial, name, dist)}" for name, dist in space.items()]
+        log.info("trial %d: %s", trial.number, " ".join(params))
+        heartbeat = Heartbeat(self.storage_obj, trial._trial_id, self.heartbeat_interval)
+        try:
+            (ret,) = self.launcher.launch([fixed + params], initial_job_idx=trial.number)
+        except BaseException as exc:  # Ctrl-C, or a launcher that died: never left RUNNING
+            self._fail(study, trial, f"interrupted: {type(exc).__name__}")
+            raise
+        finally:
+            heartbeat.stop.set()
+        run_dir = ret.hydra_cfg.hydra.runtime.output_dir if ret.hydra_cfg else None
+        if run_dir:
+            trial.set_user_attr("run_dir", str(run_dir))
+        if ret.status is not JobStatus.COMPLETED:
+            exc = ret._return_value  # ret.return_value would re-raise it
+            if isinstance(exc, optuna.TrialPruned):
+                study.tell(trial, state=State.PRUNED)
+                log.info("trial %d pruned (%s)", trial.number, exc)
+            else:
+                self._fail(study, trial, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            return
+        try:
+            values = self._objectives(ret, run_dir)
+        except (UserError, OSError, KeyError, TypeError, ValueError) as exc:
+            self._fail(study, trial, f"no objective: {exc}")
+            return
+        if not all(math.isfinite(v) for v in values):
+            self._fail(study, trial, f"objective is {values}")
+            return
+        study.tell(trial, values)
+        log.info("trial %d: %s = %s", trial.number, ", ".join(self._objective_names()),
+                 ", ".join(f"{v:.6g}" for v in values))
+
+    def _objectives(self, ret, run_dir) -> list[float]:
+        if not self.objectives:
+            value = ret.return_value
+            return [float(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+        metrics = rundir.read_json(Path(run_dir) / rundir.METRICS)
+        return [float(metrics[key]) for key in self.objectives]
+
+    def _fail(self, study: optuna.Study, trial: optuna.Trial, error: str) -> None:
+        trial.set_user_attr("error", error)
+        study.tell(trial, state=State.FAIL)
+        log.warning("trial %d failed: %s", trial.number, error)
+
+    # -- set-up -----------------------------------------------------------------------------
+
+    def _check(self) -> None:
+        if self.n_trials <= 0 or self.n_jobs <= 0:
+            raise UserError("hydra.sweeper.n_trials and hydra.sweeper.n_jobs must be positive")
+        if not 0 <= self.max_failure_rate <= 1:
+            raise UserError(f"hydra.sweeper.max_failure_rate={self.max_failure_rate} is out of "
+                            f"range: expected a fraction in [0, 1]")
+        bad = [d for d in self.directions if d not in ("minimize", "maximize")]
+        if bad:
+            raise UserError(f"hydra.sweeper.direction={bad[0]}: expected minimize or maximize")
+        if self.objectives and len(self.objectives) != len(self.directions):
+            raise UserError(f"hydra.sweeper.objectives has {len(self.objectives)} names but "
+                            f"hydra.sweeper.direction {len(self.directions)}: give one per objective")
+
+    def _search_space(self, arguments: list[str]) -> tuple[list[str], dict]:
+        """Fixed overrides and {name: distribution}: `params` first, the command line wins."""
+        lines = [f"{k}={v}" for k, v in self.params.items()] + list(arguments)
+        by_key = {o.get_key_element(): o for o in OverridesParser.create().parse_overrides(lines)}
+        fixed, space = [], {}
+        for key, override in by_key.items():
+            dist = distribution(override)
+            if dist is None:
+                fixed.append(f"{key}={override.get_value_element_as_str()}")
+            else:
+                space[key] = dist
+        if not space:
+            raise UserError("nothing to search: give hydra.sweeper.params (or hparams_search=snr_rank)")
+        return fixed, space
+
+    def _sampler(self, space: dict, existing: int):
+        """The configured sampler; on a resumed study its seed moves on by the trials already
+        run, so a seeded sampler does not replay the parameters it asked before."""
+        from optuna.distributions import CategoricalDistribution
+
+        kwargs = {}
+        seed = self.sampler_cfg.get("seed")
+        if seed is not None and existing:
+            kwargs["seed"] = seed + existing
+        if self.sampler_cfg._target_.endswith("GridSampler") and not self.sampler_cfg.get("search_space"):
+            continuous = [k for k, d in space.items() if not isinstance(d, CategoricalDistribution)]
+            if continuous:
+                raise UserError(f"sampler=grid needs choice(...) params; {continuous[0]} is not")
+            kwargs["search_space"] = {k: list(d.choices) for k, d in space.items()}
+        return instantiate(self.sampler_cfg, **kwargs)
+
+    def _fail_dead_trials(self, study: optuna.Study) -> None:
+        """Trials left RUNNING by a killed sweep: those of a dead process on this machine at
+        once, those of other machines once their heartbeat is older than the grace period."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+        host = socket.gethostname()
+        for t in study.get_trials(deepcopy=False, states=(State.RUNNING,)):
+            pid = t.user_attrs.get("worker_pid")
+            if t.user_attrs.get("worker_host") == host and pid and not _alive(pid):
+                self.storage_obj.set_trial_user_attr(t._trial_id, "error",
+                                                     f"its sweep process (pid {pid}) died")
+                study.tell(t.number, state=State.FAIL)
+                log.warning("trial %d was left running by a dead sweep (pid %d): FAIL", t.number, pid)
+
+    def _spawn_workers(self) -> list[subprocess.Popen]:
+        """n_jobs > 1: n_jobs - 1 more workers of this same command on this machine, sharing the
+        study; each asks for its next trial when free (no batch waits for its slowest trial)."""
+        if self.n_jobs <= 1:
+            return []
+        cmd = [sys.executable, *sys.orig_argv[1:], "hydra.sweeper.n_jobs=1",
+               f"hydra.sweeper.storage={self.url}", f"hydra.sweeper.study_name={self.study_name}",
+               f"hydra.sweep.dir={self.sweep_dir.resolve()}"]
+        log.info("starting %d more sweep workers", self.n_jobs - 1)
+        return [subprocess.Popen(cmd) for _ in range(self.n_jobs - 1)]
+
+    def _check_failures(self, study: optuna.Study) -> None:
+        failed = [t for t in study.get_trials(deepcopy=False, states=(State.FAIL,))
+                  if not t.user_attrs.get("error", "").startswith("surplus")]
+        if len(failed) > self.max_failure_rate * self.n_trials:
+            self._write_results(study, final=True)
+            raise UserError(
+                f"sweep stopped: {len(failed)} trials failed, more than hydra.sweeper."
+                f"max_failure_rate={self.max_failure_rate} of n_trials={self.n_trials}; last "
+                f"error (trial {failed[-1].number}): {failed[-1].user_attrs.get('error')}")
+
+    # -- results ----------------------------------------------------------------------------
+
+    def _objective_names(self) -> list[str]:
+        return self.objectives or [f"objective_{i}" for i in range(len(self.directions))]
+
+    def _shown_url(self) -> str:
+        """The storage URL without its password (results files and logs never hold secrets)."""
+        if self.url.startswith("journal://"):
+            return self.url
+        from sqlalchemy.engine import make_url
+
+        return make_url(self.url).render_as_string(hide_password=True)
+
+    def _write_results(self, study: optuna.Study, final: bool = False) -> None:
+        trials = study.get_trials(deepcopy=False)
+        results = {
+            "name": "spectraqlora_optuna",
+            "study_name": self.study_name,
+            "storage": self._shown_url(),
+            "directions": self.directions,
+            "objectives": self._objective_names(),
+            "trials": dict(Counter(t.state.name for t in trials)),
+        }
+        complete = [t for t in trials if t.state is State.COMPLETE]
+        if complete and len(self.directions) == 1:
+            best = study.best_trial
+            results.update(best_trial=best.number, best_value=best.value, best_params=best.params,
+                           best_run_dir=best.user_attrs.get("run_dir"))
+        elif complete:
+            results["pareto_front"] = [
+                {"trial": t.number, "values": dict(zip(self._objective_names(), t.values)),
+                 "params": t.params, "run_dir": t.user_attrs.get("run_dir")}
+                for t in sorted(study.best_trials, key=lambda t: t.number)]
+        rundir.write_text(self.sweep_dir / RESULTS, OmegaConf.to_yaml(OmegaConf.create(results)))
+        table = study.trials_dataframe()
+        rundir.write_text(self.sweep_dir / "trials.csv", table.to_csv(index=False))
+        plots = self._plots(study, len(complete))
+        if final:
+            log.info("%s:\n%s", self.sweep_dir / RESULTS, (self.sweep_dir / RESULTS).read_text())
+            telemetry.log_sweep_summary(self.config, self.study_name, self.sweep_dir, table, plots)
+
+    def _plots(self, study: optuna.Study, complete: int) -> list[Path]:
+        """optuna.visualization.matplotlib figures as PNGs in the sweep dir."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from optuna.visualization import matplotlib as vis
+
+        names = self._objective_names()
+        first = {} if len(names) == 1 else {"target": lambda t: t.values[0], "target_name": names[0]}
+        wanted = {"optimization_history.png": lambda: vis.plot_optimization_history(study, **first)}
+        if complete >= 2:
+            wanted["param_importances.png"] = lambda: vis.plot_param_importances(study, **first)
+        if len(names) > 1:
+            wanted["pareto_front.png"] = lambda: vis.plot_pareto_front(study, target_names=names)
+        written = []
+        for name, plot in wanted.items():
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    axes = plot()
+                figure = getattr(axes, "figure", None) or axes.flat[0].figure
+                tmp = self.sweep_dir / f".{name}.tmp.png"
+                figure.savefig(tmp, dpi=110, bbox_inches="tight")
+                plt.close(figure)
+                os.replace(tmp, self.sweep_dir / name)
+                written.append(self.sweep_dir / name)
+            except Exception as exc:  # a plot must never stop a sweep
+                log.debug("plot %s skipped: %s", name, exc)
+        return written
