@@ -100,17 +100,16 @@ class Heartbeat:
 class SweeperImpl:
     def __init__(self, sampler, pruner, direction, objectives, storage, study_name, n_trials,
                  n_jobs, max_failure_rate, heartbeat_interval, grace_period, params):
-        # sampler and pruner arrive instantiated; setup() keeps their configs instead (a resumed
-        # study reseeds the sampler, and trial processes build the same pruner)
+        self.sampler_cfg, self.pruner_cfg = sampler, pruner  # configs (_recursive_: false)
         self.directions = list(direction) if isinstance(direction, (list, ListConfig)) else [direction]
         self.objectives = list(objectives) if objectives else None
         self.storage, self.study_name, self.params = storage, study_name, params or {}
         self.n_trials, self.n_jobs, self.max_failure_rate = n_trials, n_jobs, max_failure_rate
         self.heartbeat_interval, self.grace_period = heartbeat_interval, grace_period
+        self.exhausted = False  # a grid sampler has run its whole grid
 
     def setup(self, *, hydra_context, task_function, config: DictConfig) -> None:
         self.config = config
-        self.sampler_cfg, self.pruner_cfg = config.hydra.sweeper.sampler, config.hydra.sweeper.pruner
         self.launcher = Plugins.instance().instantiate_launcher(
             hydra_context=hydra_context, task_function=task_function, config=config)
         self.sweep_dir = Path(config.hydra.sweep.dir)
@@ -141,7 +140,7 @@ class SweeperImpl:
                  done, max(0, self.n_trials - done))
         workers = self._spawn_workers()
         try:
-            while len(study.get_trials(deepcopy=False)) < self.n_trials:
+            while len(study.get_trials(deepcopy=False)) < self.n_trials and not self.exhausted:
                 self._check_failures(study)
                 with warnings.catch_warnings():  # heartbeats are ours, not Study.optimize's
                     warnings.simplefilter("ignore", UserWarning)
@@ -177,7 +176,7 @@ class SweeperImpl:
         if ret.status is not JobStatus.COMPLETED:
             exc = ret._return_value  # ret.return_value would re-raise it
             if isinstance(exc, optuna.TrialPruned):
-                study.tell(trial, state=State.PRUNED)
+                self._tell(study, trial, state=State.PRUNED)
                 log.info("trial %d pruned (%s)", trial.number, exc)
             else:
                 self._fail(study, trial, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
@@ -190,7 +189,7 @@ class SweeperImpl:
         if not all(math.isfinite(v) for v in values):
             self._fail(study, trial, f"objective is {values}")
             return
-        study.tell(trial, values)
+        self._tell(study, trial, values)
         log.info("trial %d: %s = %s", trial.number, ", ".join(self._objective_names()),
                  ", ".join(f"{v:.6g}" for v in values))
 
@@ -201,9 +200,19 @@ class SweeperImpl:
         metrics = rundir.read_json(Path(run_dir) / rundir.METRICS)
         return [float(metrics[key]) for key in self.objectives]
 
+    def _tell(self, study: optuna.Study, trial, values=None, state=None) -> None:
+        """study.tell; a grid sampler that has run its whole grid calls Study.stop, which only
+        works inside Study.optimize: the trial is recorded all the same, and the sweep ends."""
+        try:
+            study.tell(trial, values, state=state)
+        except RuntimeError as exc:
+            if "Study.stop" not in str(exc):
+                raise
+            self.exhausted = True
+
     def _fail(self, study: optuna.Study, trial: optuna.Trial, error: str) -> None:
         trial.set_user_attr("error", error)
-        study.tell(trial, state=State.FAIL)
+        self._tell(study, trial, state=State.FAIL)
         log.warning("trial %d failed: %s", trial.number, error)
 
     # -- set-up -----------------------------------------------------------------------------
@@ -264,7 +273,7 @@ class SweeperImpl:
             if t.user_attrs.get("worker_host") == host and pid and not _alive(pid):
                 self.storage_obj.set_trial_user_attr(t._trial_id, "error",
                                                      f"its sweep process (pid {pid}) died")
-                study.tell(t.number, state=State.FAIL)
+                self._tell(study, t.number, state=State.FAIL)
                 log.warning("trial %d was left running by a dead sweep (pid %d): FAIL", t.number, pid)
 
     def _spawn_workers(self) -> list[subprocess.Popen]:
@@ -291,7 +300,10 @@ class SweeperImpl:
     # -- results ----------------------------------------------------------------------------
 
     def _objective_names(self) -> list[str]:
-        return self.objectives or [f"objective_{i}" for i in range(len(self.directions))]
+        if self.objectives:
+            return self.objectives
+        return ["objective"] if len(self.directions) == 1 else [
+            f"objective_{i}" for i in range(len(self.directions))]
 
     def _shown_url(self) -> str:
         """The storage URL without its password (results files and logs never hold secrets)."""

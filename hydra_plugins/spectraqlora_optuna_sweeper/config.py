@@ -51,6 +51,9 @@ class NopPrunerConfig:
 @dataclass
 class SpectraOptunaSweeperConf:
     _target_: str = "hydra_plugins.spectraqlora_optuna_sweeper.optuna_sweeper.SpectraOptunaSweeper"
+    # sampler and pruner stay configs: a resumed study reseeds the sampler, a grid sampler takes
+    # its space from params, and training jobs build the same pruner
+    _recursive_: bool = False
     defaults: List[Any] = field(default_factory=lambda: ["_self_", {"sampler": "tpe"}, {"pruner": "median"}])
     sampler: Any = None
     pruner: Any = None

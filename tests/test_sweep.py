@@ -1,0 +1,130 @@
+"""spectraqlora's Optuna sweeper, driven as a user types it: `python -m spectraqlora.train -m`."""
+import csv
+import os
+import socket
+import subprocess
+import sys
+import zipfile
+
+import optuna
+import pytest
+import yaml
+
+from conftest import ROOT, run_cli
+
+QUICK = ["model=tiny_llama", "trainer=smoke", "trainer.max_steps=4", "trainer.eval_steps=2",
+         "trainer.logging_steps=2", "dataset.eval_size=32", "dataset.train_size=128"]
+
+
+def sweep(tmp_path, *overrides):
+    result = run_cli("train", "-m", *QUICK, f"hydra.sweep.dir={tmp_path / 'sweep'}",
+                     f"scan.cache_dir={tmp_path / 'scan'}", *overrides, cwd=tmp_path)
+    return result, tmp_path / "sweep"
+
+
+def load(sweep_dir, name):
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{sweep_dir / 'optuna.db'}")
+
+
+def states(study):
+    return sorted(t.state.name for t in study.trials)
+
+
+def test_snr_rank_sweep_scans_once_writes_results_and_resumes(tmp_path):
+    args = ["hparams_search=snr_rank", "hydra/sweeper/sampler=random", "hydra.sweeper.sampler.seed=3"]
+    result, sweep_dir = sweep(tmp_path, *args, "hydra.sweeper.n_trials=6")
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = load(sweep_dir, "snr_rank")
+    assert states(study) == ["COMPLETE"] * 6
+    assert {"selection.top_frac", "lora.r"} == set(study.trials[0].params)
+    logs = [(sweep_dir / str(n) / "train.log").read_text() for n in range(6)]
+    assert sum("spectrum scan: computed" in log for log in logs) == 1  # one scan for the sweep
+    assert sum("spectrum scan: cached" in log for log in logs) == 5
+    results = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
+    assert results["best_value"] == min(t.value for t in study.trials)
+    assert results["best_run_dir"] == str(sweep_dir / str(results["best_trial"]))
+    with open(sweep_dir / "trials.csv") as f:
+        assert len(list(csv.DictReader(f))) == 6
+    for name in ("multirun.yaml", "optimization_history.png", "param_importances.png"):
+        assert (sweep_dir / name).is_file(), name
+
+    # a trial left RUNNING by a sweep that was killed (its process is gone)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    orphan = study.ask()
+    orphan.set_user_attr("worker_host", socket.gethostname())
+    orphan.set_user_attr("worker_pid", int(dead))
+
+    result, _ = sweep(tmp_path, *args, "hydra.sweeper.n_trials=9")
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = load(sweep_dir, "snr_rank")
+    assert len(study.trials) == 9  # n_trials in total, not 9 more
+    assert study.trials[6].state.name == "FAIL" and "died" in study.trials[6].user_attrs["error"]
+    assert {t.state.name for t in study.trials[7:]} <= {"COMPLETE", "PRUNED"}  # median pruner
+    assert all((sweep_dir / str(n) / ".hydra").is_dir() for n in (7, 8))  # jobs numbered on
+    first = [t.params for t in study.trials[:6]]
+    assert all(t.params not in first for t in study.trials[7:])  # the seeded sampler moved on
+
+
+def test_failed_and_pruned_trials_are_recorded_and_the_sweep_goes_on(tmp_path):
+    result, sweep_dir = sweep(
+        tmp_path, "hydra/sweeper=spectraqlora_optuna", "hydra/sweeper/sampler=grid",
+        "hydra/sweeper/pruner=threshold", "hydra.sweeper.pruner.upper=10.1",
+        "hydra.sweeper.n_trials=4", "lora.r=choice(0,8)", "trainer.learning_rate=choice(1e-7,1e-2)")
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = load(sweep_dir, "spectraqlora")
+    assert states(study) == ["COMPLETE", "FAIL", "FAIL", "PRUNED"]
+    for t in study.trials:
+        if t.state.name == "FAIL":
+            assert t.params["lora.r"] == 0
+            assert "lora.r=0 is out of range" in t.user_attrs["error"]
+        if t.state.name == "PRUNED":  # lr 1e-7 leaves the loss above the threshold
+            assert t.params["trainer.learning_rate"] == 1e-7
+            assert t.value == t.intermediate_values[2] > 10.1
+
+
+def test_too_many_failures_stop_the_sweep_with_a_clear_error(tmp_path):
+    result, sweep_dir = sweep(tmp_path, "hydra/sweeper=spectraqlora_optuna", "hydra.sweeper.n_trials=8",
+                              "hydra.sweeper.max_failure_rate=0.25", "lora.r=choice(-1,0)")
+    assert result.returncode != 0
+    assert "error: sweep stopped: 3 trials failed, more than hydra.sweeper.max_failure_rate=0.25 " \
+           "of n_trials=8" in result.stderr
+    assert "Traceback" not in result.stderr
+    results = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
+    assert results["trials"] == {"FAIL": 3}
+
+
+def test_pareto_sweep_with_two_workers(tmp_path):
+    result, sweep_dir = sweep(tmp_path, "hparams_search=snr_rank_pareto", "hydra.sweeper.n_trials=4",
+                              "hydra.sweeper.n_jobs=2", "hydra.sweeper.sampler.seed=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = load(sweep_dir, "snr_rank_pareto")
+    assert states(study) == ["COMPLETE"] * 4  # exactly n_trials, shared by the two workers
+    assert len({t.user_attrs["worker_pid"] for t in study.trials}) == 2
+    assert sorted(p.name for p in sweep_dir.iterdir() if p.name.isdigit()) == ["0", "1", "2", "3"]
+    results = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
+    front = results["pareto_front"]
+    assert front and {"eval_loss", "peak_mem_gb"} == set(front[0]["values"])
+    assert {p["trial"] for p in front} == {t.number for t in study.best_trials}
+    assert (sweep_dir / "pareto_front.png").is_file()
+
+
+def test_the_plugin_is_found_in_an_installed_wheel(tmp_path):
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(tmp_path),
+                            str(ROOT)], capture_output=True, text=True, timeout=600)
+    assert built.returncode == 0, built.stderr[-2000:]
+    (wheel,) = tmp_path.glob("spectraqlora-*.whl")
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    assert not (site / "hydra_plugins" / "__init__.py").exists()  # a namespace package
+    # Only the wheel and the dependencies: -S skips the .pth that points at this checkout.
+    deps = [p for p in sys.path if p.endswith("site-packages")]
+    code = ("from hydra.core.plugins import Plugins; from hydra.plugins.sweeper import Sweeper;"
+            "import spectraqlora, hydra_plugins.spectraqlora_optuna_sweeper as p;"
+            "print(spectraqlora.__file__, p.__file__);"
+            "print([c.__name__ for c in Plugins.instance().discover(Sweeper)])")
+    found = subprocess.run([sys.executable, "-S", "-c", code], cwd=tmp_path, capture_output=True,
+                           text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join([str(site), *deps])})
+    assert found.returncode == 0, found.stderr[-2000:]
+    assert str(ROOT) not in found.stdout and str(site) in found.stdout
+    assert "SpectraOptunaSweeper" in found.stdout
