@@ -19,11 +19,28 @@ def cache_dir(tmp_path_factory):
     return path
 
 
-def run_cli(module: str, *overrides: str, cwd: Path) -> subprocess.CompletedProcess:
+def run_cli(module: str, *overrides: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     """`python -m spectraqlora.<module> overrides...` as a user types it."""
     return subprocess.run([sys.executable, "-m", f"spectraqlora.{module}", *overrides],
                           cwd=cwd, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "HYDRA_FULL_ERROR": "0"})
+                          env={**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})})
+
+
+SECRETS = {"HF_TOKEN": "hf_FAKEtoken1234567890", "HUGGING_FACE_HUB_TOKEN": "hf_FAKEother0987",
+           "WANDB_API_KEY": "FAKEwandbkey" + "0" * 28}
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    """One causal-LM smoke train through the CLI, shared by the CLI, telemetry and security
+    tests: tiny_llama in 4-bit, logger=wandb (offline), fake tokens in its environment."""
+    tmp = tmp_path_factory.mktemp("smoke")
+    run_dir = tmp / "run"
+    result = run_cli("train", "model=tiny_llama", "selection.top_frac=0.25", "trainer=smoke",
+                     "logger=wandb", f"hydra.run.dir={run_dir}", cwd=tmp,
+                     env={**SECRETS, "WANDB_MODE": "offline"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir, result
 
 
 def compose(*overrides: str):

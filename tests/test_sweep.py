@@ -7,18 +7,17 @@ import sys
 import zipfile
 
 import optuna
-import pytest
 import yaml
 
 from conftest import ROOT, run_cli
 
 QUICK = ["model=tiny_llama", "trainer=smoke", "trainer.max_steps=4", "trainer.eval_steps=2",
-         "trainer.logging_steps=2", "dataset.eval_size=32", "dataset.train_size=128"]
+         "trainer.logging_steps=2", "dataset.eval_size=16", "dataset.train_size=64"]
 
 
-def sweep(tmp_path, *overrides):
+def sweep(tmp_path, *overrides, env=None):
     result = run_cli("train", "-m", *QUICK, f"hydra.sweep.dir={tmp_path / 'sweep'}",
-                     f"scan.cache_dir={tmp_path / 'scan'}", *overrides, cwd=tmp_path)
+                     f"scan.cache_dir={tmp_path / 'scan'}", *overrides, cwd=tmp_path, env=env)
     return result, tmp_path / "sweep"
 
 
@@ -94,9 +93,10 @@ def test_too_many_failures_stop_the_sweep_with_a_clear_error(tmp_path):
     assert results["trials"] == {"FAIL": 3}
 
 
-def test_pareto_sweep_with_two_workers(tmp_path):
+def test_pareto_sweep_with_two_workers_and_a_wandb_summary(tmp_path):
     result, sweep_dir = sweep(tmp_path, "hparams_search=snr_rank_pareto", "hydra.sweeper.n_trials=4",
-                              "hydra.sweeper.n_jobs=2", "hydra.sweeper.sampler.seed=1")
+                              "hydra.sweeper.n_jobs=2", "hydra.sweeper.sampler.seed=1", "logger=wandb",
+                              env={"WANDB_MODE": "offline"})
     assert result.returncode == 0, result.stderr[-3000:]
     study = load(sweep_dir, "snr_rank_pareto")
     assert states(study) == ["COMPLETE"] * 4  # exactly n_trials, shared by the two workers
@@ -107,6 +107,9 @@ def test_pareto_sweep_with_two_workers(tmp_path):
     assert front and {"eval_loss", "peak_mem_gb"} == set(front[0]["values"])
     assert {p["trial"] for p in front} == {t.number for t in study.best_trials}
     assert (sweep_dir / "pareto_front.png").is_file()
+    (summary,) = sweep_dir.glob("wandb/offline-run-*/run-*.wandb")  # trials log in their own dirs
+    assert b"sweep-summary" in summary.read_bytes() and b"pareto_front" in summary.read_bytes()
+    assert all(list((sweep_dir / str(n)).glob("wandb/offline-run-*")) for n in range(4))
 
 
 def test_the_plugin_is_found_in_an_installed_wheel(tmp_path):

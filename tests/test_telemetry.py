@@ -2,18 +2,11 @@
 import json
 import logging
 import math
-import os
-import subprocess
-import sys
 
-import pytest
-
-from conftest import compose
+from conftest import SECRETS, compose
 from spectraqlora import telemetry, train
 from spectraqlora.config import to_train_config
 
-SECRETS = {"HF_TOKEN": "hf_FAKEtoken1234567890", "HUGGING_FACE_HUB_TOKEN": "hf_FAKEother0987",
-           "WANDB_API_KEY": "FAKEwandbkey" + "0" * 28}
 KEYS = ["train/loss", "train/lr", "train/grad_norm", "eval/loss", "eval/perplexity",
         "perf/tokens_per_sec", "perf/samples_per_sec", "perf/step_time_s", "perf/train_tokens",
         "mem/peak_rss_gb", "params/trainable", "params/trainable_frac", "selection/num_modules",
@@ -22,21 +15,8 @@ QUICK = ("model=tiny_llama", "trainer=smoke", "trainer.max_steps=4", "trainer.lo
          "trainer.eval_steps=0", "dataset.eval_size=32")
 
 
-@pytest.fixture(scope="module")
-def wandb_run(tmp_path_factory):
-    """A smoke train with logger=wandb, offline, with fake tokens in its environment."""
-    tmp = tmp_path_factory.mktemp("wandb")
-    run_dir = tmp / "run"
-    result = subprocess.run(
-        [sys.executable, "-m", "spectraqlora.train", "model=tiny_llama", "trainer=smoke",
-         "logger=wandb", f"hydra.run.dir={run_dir}"], cwd=tmp, capture_output=True, text=True,
-        timeout=600, env={**os.environ, **SECRETS, "WANDB_MODE": "offline"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    return run_dir, result
-
-
-def test_metrics_jsonl_has_every_key_with_sane_values(wandb_run):
-    run_dir, _ = wandb_run
+def test_metrics_jsonl_has_every_key_with_sane_values(smoke_run):
+    run_dir, _ = smoke_run
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     seen = {k for row in rows for k in row}
     assert set(KEYS) <= seen
@@ -50,8 +30,8 @@ def test_metrics_jsonl_has_every_key_with_sane_values(wandb_run):
     assert metrics["tokens_per_sec"] > 0 and metrics["peak_rss_gb"] > 0.1
 
 
-def test_offline_wandb_run_holds_the_same_keys(wandb_run):
-    run_dir, _ = wandb_run
+def test_offline_smoke_run_holds_the_same_keys(smoke_run):
+    run_dir, _ = smoke_run
     (record,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
     raw = record.read_bytes()
     for key in KEYS + ["selection", "snr_heatmap"]:
@@ -59,8 +39,8 @@ def test_offline_wandb_run_holds_the_same_keys(wandb_run):
     assert (run_dir / "wandb_id").read_text() in record.name
 
 
-def test_secrets_in_the_environment_never_reach_run_files(wandb_run):
-    run_dir, result = wandb_run
+def test_secrets_in_the_environment_never_reach_run_files(smoke_run):
+    run_dir, result = smoke_run
     files = [p for p in run_dir.rglob("*") if p.is_file()]
     assert any("wandb" in p.parts for p in files)  # the W&B files are among those checked
     for secret in SECRETS.values():
@@ -69,8 +49,8 @@ def test_secrets_in_the_environment_never_reach_run_files(wandb_run):
             assert secret.encode() not in path.read_bytes(), path
 
 
-def test_progress_bars_stay_quiet_when_output_is_not_a_terminal(wandb_run):
-    _, result = wandb_run
+def test_progress_bars_stay_quiet_when_output_is_not_a_terminal(smoke_run):
+    _, result = smoke_run
     assert "it/s]" not in result.stderr and "examples/s]" not in result.stderr
 
 

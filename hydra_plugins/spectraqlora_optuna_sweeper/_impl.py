@@ -35,6 +35,7 @@ from spectraqlora.sweep import make_pruner, make_storage, storage_url
 log = logging.getLogger(__name__)
 State = optuna.trial.TrialState
 RESULTS = "optimization_results.yaml"
+WORKER = "SPECTRAQLORA_SWEEP_WORKER"  # set in the environment of workers started by n_jobs > 1
 
 
 def distribution(override: Override):
@@ -285,7 +286,22 @@ class SweeperImpl:
                f"hydra.sweeper.storage={self.url}", f"hydra.sweeper.study_name={self.study_name}",
                f"hydra.sweep.dir={self.sweep_dir.resolve()}"]
         log.info("starting %d more sweep workers", self.n_jobs - 1)
-        return [subprocess.Popen(cmd) for _ in range(self.n_jobs - 1)]
+        gpus = self._gpus()
+        if gpus:
+            os.environ["CUDA_VISIBLE_DEVICES"] = gpus[0]  # this process: before CUDA starts
+        return [subprocess.Popen(cmd, env={**os.environ, WORKER: "1", **(
+                    {"CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]} if gpus else {})})
+                for i in range(1, self.n_jobs)]
+
+    @staticmethod
+    def _gpus() -> list[str]:
+        """GPU ids to spread workers over: several GPUs and no CUDA_VISIBLE_DEVICES given."""
+        if "CUDA_VISIBLE_DEVICES" in os.environ:
+            return []
+        import torch
+
+        count = torch.cuda.device_count()
+        return [str(i) for i in range(count)] if count > 1 else []
 
     def _check_failures(self, study: optuna.Study) -> None:
         failed = [t for t in study.get_trials(deepcopy=False, states=(State.FAIL,))
@@ -337,7 +353,7 @@ class SweeperImpl:
         table = study.trials_dataframe()
         rundir.write_text(self.sweep_dir / "trials.csv", table.to_csv(index=False))
         plots = self._plots(study, len(complete))
-        if final:
+        if final and not os.environ.get(WORKER):  # the process that started the workers sums up
             log.info("%s:\n%s", self.sweep_dir / RESULTS, (self.sweep_dir / RESULTS).read_text())
             telemetry.log_sweep_summary(self.config, self.study_name, self.sweep_dir, table, plots)
 
