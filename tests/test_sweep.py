@@ -131,3 +131,20 @@ def test_the_plugin_is_found_in_an_installed_wheel(tmp_path):
     assert found.returncode == 0, found.stderr[-2000:]
     assert str(ROOT) not in found.stdout and str(site) in found.stdout
     assert "SpectraOptunaSweeper" in found.stdout
+
+
+def test_search_space_syntax_matches_hydra_optuna_sweeper():
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    from hydra_plugins.spectraqlora_optuna_sweeper._impl import distribution
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    def parsed(line):
+        return distribution(OverridesParser.create().parse_override(line))
+
+    assert parsed("a=interval(0.05, 1.0)") == FloatDistribution(0.05, 1.0)
+    assert parsed("a=int(interval(1, 10))") == IntDistribution(1, 10)
+    assert parsed("a=tag(log, interval(1e-5, 1e-2))") == FloatDistribution(1e-5, 1e-2, log=True)
+    assert parsed("a=choice(4, 8, 16)") == CategoricalDistribution([4, 8, 16])
+    assert parsed("a=range(1, 5)") == IntDistribution(1, 4)
+    assert parsed("a=3") is None
