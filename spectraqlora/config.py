@@ -81,6 +81,9 @@ class DatasetConfig:
     eval_size: int = 256
     train_size: Optional[int] = None  # synthetic: rows generated; others: cap (null = all)
     max_length: int = 128
+    # Causal LMs: concatenate training rows into blocks of max_length (no padding); prompts
+    # stay masked out of the labels. Attention spans row boundaries inside a block.
+    packing: bool = False
 
 
 @dataclass
@@ -139,8 +142,11 @@ class TrainerConfig:
     per_device_train_batch_size: int = 16
     per_device_eval_batch_size: int = 32
     gradient_accumulation_steps: int = 1
+    # Non-reentrant activation checkpointing, set up by spectraqlora (modeling.py), never with
+    # input gradients: backward still stops at the lowest adapted layer.
     gradient_checkpointing: bool = False
-    optim: str = "adamw_torch"
+    # null: paged_adamw_8bit on CUDA, adamw_torch elsewhere; paged_* fall back on CPU
+    optim: Optional[str] = None
     logging_steps: int = 10
     eval_steps: int = 50
     save_steps: int = 500
@@ -175,6 +181,8 @@ class TrainConfig:
 
 
 _DTYPES = ("float32", "bfloat16", "float16")
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit",
+              "paged_adamw_32bit", "adafactor", "sgd")
 
 # key -> (test, what is accepted). Checked in this order; the first failure is reported.
 _RANGES = {
@@ -203,6 +211,7 @@ _RANGES = {
     "trainer.eval_steps": (lambda v: v >= 0, "a non-negative integer (0: no eval during training)"),
     "trainer.save_steps": (lambda v: v >= 0, "a non-negative integer (0: no checkpoints)"),
     "trainer.save_total_limit": (lambda v: v > 0, "a positive integer"),
+    "trainer.optim": (lambda v: v is None or v in OPTIMIZERS, f"null or one of {', '.join(OPTIMIZERS)}"),
     "trainer.on_nonfinite_loss": (lambda v: v in ("error", "skip"), "one of error, skip"),
     "logger.name": (lambda v: v in ("none", "wandb"), "one of none, wandb"),
 }
@@ -221,6 +230,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                         f"{cfg.lora.r_max}: expected r_min <= r <= r_max")
     if cfg.selection.strategy is Strategy.layers and not (cfg.selection.layers or cfg.selection.last_k):
         raise UserError("selection=layers needs selection.layers=[i,j,...] or selection.last_k=k")
+    if cfg.dataset.packing and cfg.model.task is not Task.causal_lm:
+        raise UserError(f"dataset.packing=true needs a causal LM; model.task={cfg.model.task.value}")
     if cfg.model.random_init is not None and not cfg.model.tokenizer:
         raise UserError("model.random_init needs model.tokenizer (where its tokenizer comes from)")
     return cfg

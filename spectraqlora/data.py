@@ -6,6 +6,7 @@ them into model inputs: `input_ids`, `attention_mask` and `labels` (a class id, 
 """
 from __future__ import annotations
 
+import itertools
 import random
 from pathlib import Path
 
@@ -173,10 +174,28 @@ def tokenize(data: DatasetDict, tokenizer, cfg: DatasetConfig, task: Task) -> Da
             prompt = cfg.prompt_template.format(**row) if cfg.prompt_template else row[cfg.prompt_column]
             return _prompt_response(tokenizer, prompt, row[cfg.response_column], cfg.max_length, task)
 
-    return DatasetDict({
+    out = DatasetDict({
         split: rows.map(encode, remove_columns=rows.column_names, desc=f"tokenize {split}")
         for split, rows in data.items()
     })
+    if cfg.packing:  # train only: eval rows stay whole, so eval loss compares across settings
+        out["train"] = pack(out["train"], cfg.max_length)
+    return out
+
+
+def pack(rows: Dataset, block: int) -> Dataset:
+    """Rows concatenated and cut into blocks of `block` tokens (the last may be shorter), so
+    batches carry no padding. Labels move with their tokens: prompts stay masked."""
+    def blocks(batch):
+        ids = list(itertools.chain.from_iterable(batch["input_ids"]))
+        labels = list(itertools.chain.from_iterable(batch["labels"]))
+        cuts = range(0, len(ids), block)
+        return {"input_ids": [ids[i:i + block] for i in cuts],
+                "labels": [labels[i:i + block] for i in cuts],
+                "attention_mask": [[1] * len(ids[i:i + block]) for i in cuts]}
+
+    return rows.map(blocks, batched=True, batch_size=1000, remove_columns=rows.column_names,
+                    desc="pack train")
 
 
 def _prompt_response(tokenizer, prompt: str, response: str, max_length: int, task: Task) -> dict:

@@ -117,6 +117,23 @@ def add_lora(net, targets: list[str], lora: LoraConfig, model: ModelConfig,
     return get_peft_model(net, config)
 
 
+def enable_checkpointing(net) -> None:
+    """Non-reentrant activation checkpointing, without input gradients.
+
+    transformers turns input gradients on along with checkpointing, because reentrant
+    checkpointing needs them to reach the adapters. Non-reentrant checkpointing does not, and
+    without them backward stops at the lowest adapted layer instead of running down through
+    every frozen layer to the embeddings (tests/test_efficiency.py counts the layer calls).
+    """
+    base = net.get_base_model()
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(base, "_require_grads_hook"):
+        base.disable_input_require_grads()
+
+
 def trainable_params(net: torch.nn.Module) -> int:
     return sum(p.numel() for p in net.parameters() if p.requires_grad)
 

@@ -87,6 +87,8 @@ def _run(cfg: TrainConfig, run_dir: Path, resume_from: Path | None, info: RunInf
     targets = modeling.model_names(base, chosen)
     target_ranks = {t: ranks[n] for t, n in zip(targets, chosen)} if ranks else None
     net = modeling.add_lora(base, targets, cfg.lora, cfg.model, target_ranks)
+    if cfg.trainer.gradient_checkpointing:
+        modeling.enable_checkpointing(net)
     trainable, total = net.get_nb_trainable_parameters()
     log.info("trainable parameters: %s of %s", f"{trainable:,}", f"{total:,}")
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import inspect
 import logging
 import math
 import statistics
@@ -29,19 +28,16 @@ def training_arguments(cfg: TrainConfig, run_dir: Path) -> TrainingArguments:
     if bf16 is None:
         bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     eval_steps, save_steps = knobs.pop("eval_steps"), knobs.pop("save_steps")
-    checkpointing = knobs.pop("gradient_checkpointing")
-    for own in ("resume", "on_nonfinite_loss", "keep_checkpoints"):
+    # spectraqlora's own knobs; checkpointing is set up on the model (modeling.py), not by the
+    # Trainer, which would turn on input gradients
+    for own in ("gradient_checkpointing", "resume", "on_nonfinite_loss", "keep_checkpoints"):
         knobs.pop(own)
-    # transformers 5 renamed gradient_checkpointing to activation_checkpointing
-    ac = "activation" if "activation_checkpointing" in inspect.signature(TrainingArguments).parameters else "gradient"
     return TrainingArguments(
         output_dir=str(run_dir / rundir.CHECKPOINTS),
         eval_strategy="steps" if eval_steps else "no",
         eval_steps=eval_steps or None,
         save_strategy="steps" if save_steps else "no",
         save_steps=save_steps or 500,
-        **{f"{ac}_checkpointing": checkpointing,
-           f"{ac}_checkpointing_kwargs": {"use_reentrant": False} if checkpointing else None},
         dataloader_pin_memory=torch.cuda.is_available(),
         bf16=bf16,
         seed=cfg.seed,
@@ -51,8 +47,24 @@ def training_arguments(cfg: TrainConfig, run_dir: Path) -> TrainingArguments:
         remove_unused_columns=False,
         label_names=["labels"],
         prediction_loss_only=cfg.model.task is not Task.classification,
-        **knobs,
+        **{**knobs, "optim": optimizer(knobs["optim"])},
     )
+
+
+# Paged optimizers page their state out of GPU memory; without a GPU, the same optimizer unpaged.
+_UNPAGED = {"paged_adamw_8bit": "adamw_8bit", "paged_adamw_32bit": "adamw_torch"}
+
+
+def optimizer(name: str | None) -> str:
+    """trainer.optim for TrainingArguments: null picks paged 8-bit AdamW on CUDA, AdamW
+    elsewhere; a paged optimizer asked for on a machine without CUDA falls back (one line)."""
+    cuda = torch.cuda.is_available()
+    if name is None:
+        return "paged_adamw_8bit" if cuda else "adamw_torch"
+    if name in _UNPAGED and not cuda:
+        log.info("trainer.optim=%s: no GPU to page from, using %s", name, _UNPAGED[name])
+        return _UNPAGED[name]
+    return name
 
 
 class Trainer(transformers.Trainer):

@@ -111,3 +111,63 @@ def test_per_module_ranks_keep_alpha_over_r(tiny):
         module = layers[i].mlp.up_proj
         assert module.r["default"] == r
         assert module.scaling["default"] == pytest.approx(cfg.lora.alpha / cfg.lora.r)
+
+
+def layer_calls(net, batch):
+    """Per decoder layer over one training step: (forward calls, whether autograd recorded any).
+
+    Counted on a module inside each layer: transformers checkpoints a layer's forward, so hooks
+    on the layer itself do not see the recomputation."""
+    layers = net.get_base_model().model.layers
+    seen = [[0, False] for _ in layers]
+
+    def hook(i):
+        def record(module, args, output):
+            out = output[0] if isinstance(output, tuple) else output
+            seen[i][0] += 1
+            seen[i][1] |= out.requires_grad
+        return record
+
+    handles = [layer.post_attention_layernorm.register_forward_hook(hook(i))
+               for i, layer in enumerate(layers)]
+    lora_grads(net, batch)
+    for handle in handles:
+        handle.remove()
+    return [tuple(s) for s in seen]
+
+
+def top_half(tiny):
+    return [f"model.layers.{i}.self_attn.{p}" for i in (2, 3) for p in ("q_proj", "v_proj")]
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_backward_stops_at_the_lowest_adapted_layer(tiny, checkpointing):
+    _, _, tokenizer = tiny
+    net = lora_model(tiny, top_half(tiny))
+    if checkpointing:
+        modeling.enable_checkpointing(net)
+    calls = layer_calls(net, batch_for(tokenizer))
+    again = 2 if checkpointing else 1  # checkpointed layers recompute their forward in backward
+    assert calls == [(1, False), (1, False), (again, True), (again, True)]
+    grads = lora_grads(net, batch_for(tokenizer))
+    assert all(g is not None and g.abs().sum() > 0 for g in grads.values())
+
+
+def test_the_usual_kbit_preparation_differentiates_every_layer(tiny):
+    """The control: peft's prepare_model_for_kbit_training (input grads, reentrant
+    checkpointing) re-runs and differentiates the layers that carry no adapter."""
+    from peft import prepare_model_for_kbit_training
+
+    cfg, path, tokenizer = tiny
+    base = prepare_model_for_kbit_training(modeling.load_base(path, cfg.model, cfg.quant, tokenizer, None))
+    net = modeling.add_lora(base, top_half(tiny), cfg.lora, cfg.model)
+    assert layer_calls(net, batch_for(tokenizer))[0] == (2, True)
+
+
+def test_embeddings_and_head_keep_their_dtype(tiny):
+    cfg, path, tokenizer = tiny
+    cfg16 = to_train_config(compose("model=tiny_llama", "model.dtype=bfloat16"))
+    base = modeling.load_base(path, cfg16.model, cfg16.quant, tokenizer, None)
+    assert base.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert base.lm_head.weight.dtype == torch.bfloat16
+    assert {p.dtype for n, p in base.named_parameters() if "norm" in n} == {torch.bfloat16}

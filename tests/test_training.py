@@ -1,0 +1,58 @@
+"""Optimizers and packing: the training knobs that trade memory and padding for speed."""
+import logging
+import math
+
+import pytest
+
+from conftest import compose
+from spectraqlora import checkpoint, data, modeling, train
+from spectraqlora.config import Task, to_train_config
+from spectraqlora.errors import UserError
+from spectraqlora.training import optimizer
+
+QUICK = ("model=tiny_llama", "trainer=smoke", "trainer.max_steps=3", "trainer.eval_steps=0",
+         "dataset.eval_size=16", "dataset.train_size=64")
+
+
+def test_paged_optimizers_fall_back_on_cpu_with_one_line(caplog):
+    with caplog.at_level(logging.INFO):
+        assert optimizer("paged_adamw_8bit") == "adamw_8bit"
+        assert optimizer("paged_adamw_32bit") == "adamw_torch"
+    assert len(caplog.records) == 2 and "no GPU to page from" in caplog.text
+    assert optimizer(None) == "adamw_torch"  # paged_adamw_8bit where CUDA is
+    assert optimizer("adamw_8bit") == "adamw_8bit"
+
+
+@pytest.mark.parametrize("optim, packing", [("paged_adamw_8bit", False), ("adamw_torch", True)])
+def test_training_steps_with_each_optimizer(tmp_path, optim, packing):
+    overrides = [f"trainer.optim={optim}", f"dataset.packing={packing}"]
+    metrics = train.run(to_train_config(compose(*QUICK, *overrides)), tmp_path)
+    assert metrics["train_steps"] == 3 and math.isfinite(metrics["eval_loss"])
+    assert metrics["eval_loss"] < metrics["eval_loss_before"]
+
+
+def test_unknown_optimizer_is_refused_before_loading():
+    with pytest.raises(UserError, match="trainer.optim=adam is out of range: expected null or one of"):
+        to_train_config(compose(*QUICK, "trainer.optim=adam"))
+
+
+def test_packing_drops_padding_and_keeps_prompt_masks():
+    cfg = to_train_config(compose(*QUICK, "dataset.max_length=64"))
+    path = checkpoint.resolve(cfg.model)
+    tokenizer = modeling.load_tokenizer(path, cfg.model)
+    raw = data.load(cfg.dataset, Task.causal_lm, cfg.seed)
+    plain = data.tokenize(raw, tokenizer, cfg.dataset, Task.causal_lm)
+    cfg.dataset.packing = True
+    packed = data.tokenize(raw, tokenizer, cfg.dataset, Task.causal_lm)
+    rows, blocks = plain["train"], packed["train"]
+    assert [len(b) for b in blocks["input_ids"]][:-1] == [64] * (len(blocks) - 1)
+    assert len(blocks) < len(rows)
+    flat = lambda col: [t for row in col for t in row]  # noqa: E731
+    assert flat(blocks["input_ids"]) == flat(rows["input_ids"])
+    assert flat(blocks["labels"]) == flat(rows["labels"])  # prompts stay -100
+    assert packed["eval"]["input_ids"] == plain["eval"]["input_ids"]  # eval rows stay whole
+
+
+def test_packing_needs_a_causal_lm():
+    with pytest.raises(UserError, match="dataset.packing=true needs a causal LM"):
+        to_train_config(compose("dataset.packing=true"))
