@@ -39,6 +39,7 @@ class Strategy(str, enum.Enum):
     random = "random"
     layers = "layers"
     all = "all"
+    none = "none"  # no adapters: only model.head_modules train (the linear-probe baseline)
 
 
 class RankAllocation(str, enum.Enum):
@@ -98,7 +99,7 @@ class SelectionConfig:
     min_per_type: int = 1
     snr_cutoff: float = 0.0  # snr_cutoff: every module with SNR >= this
     layers: Optional[List[int]] = None  # layers: these layer indices (negative counts from the end)
-    last_k: Optional[int] = None  # layers: the last k layers
+    last_k: Optional[int] = None  # layers: the last k layers (neither: the last top_frac of them)
 
 
 @dataclass
@@ -228,8 +229,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if snr_ranks and not cfg.lora.r_min <= cfg.lora.r <= cfg.lora.r_max:
         raise UserError(f"lora.r_min={cfg.lora.r_min}, lora.r={cfg.lora.r}, lora.r_max="
                         f"{cfg.lora.r_max}: expected r_min <= r <= r_max")
-    if cfg.selection.strategy is Strategy.layers and not (cfg.selection.layers or cfg.selection.last_k):
-        raise UserError("selection=layers needs selection.layers=[i,j,...] or selection.last_k=k")
+    if cfg.selection.strategy is Strategy.none and not cfg.model.head_modules:
+        raise UserError("selection=none trains only model.head_modules, and this model has none")
     if cfg.dataset.packing and cfg.model.task is not Task.causal_lm:
         raise UserError(f"dataset.packing=true needs a causal LM; model.task={cfg.model.task.value}")
     if cfg.model.random_init is not None and not cfg.model.tokenizer:

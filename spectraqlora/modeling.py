@@ -92,13 +92,15 @@ def model_names(net: torch.nn.Module, checkpoint_names: list[str]) -> list[str]:
 
 def add_lora(net, targets: list[str], lora: LoraConfig, model: ModelConfig,
              ranks: dict[str, int] | None = None):
-    """LoRA on exactly `targets` (full module names); head modules are trained whole.
+    """LoRA on exactly `targets` (full module names); head modules are trained whole. No
+    targets (selection=none): a peft model whose only trained modules are the heads.
 
     `ranks` (model name -> r) overrides lora.r per module; alpha follows so that alpha / r, the
     scale of the update, stays that of lora.alpha / lora.r.
     """
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
+    from peft.utils.constants import DUMMY_TARGET_MODULES
 
     ranks = ranks or {}
 
@@ -108,7 +110,7 @@ def add_lora(net, targets: list[str], lora: LoraConfig, model: ModelConfig,
         lora_dropout=lora.dropout,
         bias=lora.bias,
         use_rslora=lora.use_rslora,
-        target_modules=targets,
+        target_modules=targets or DUMMY_TARGET_MODULES,  # none: the heads alone
         modules_to_save=list(model.head_modules) or None,
         # peft matches these keys as regexes against the end of module names
         rank_pattern={re.escape(n): r for n, r in ranks.items()},

@@ -57,10 +57,15 @@ def random(table: dict[str, dict], top_frac: float, seed: int, min_per_type: int
             for name in rng.sample(names, keep_count(len(names), top_frac, min_per_type))]
 
 
-def layers(table: dict[str, dict], indices: list[int] | None, last_k: int | None) -> list[str]:
-    """Every candidate of the given layers (negative indices count from the end) or last k."""
+def layers(table: dict[str, dict], indices: list[int] | None, last_k: int | None,
+           top_frac: float = 1.0) -> list[str]:
+    """Every candidate of the given layers (negative indices count from the end), of the last
+    k, or, with neither, of the last floor(n x top_frac) layers (at least one): the same number
+    of modules per type as spectrum keeps at that top_frac."""
     present = sorted({row["layer"] for row in table.values()})
     n = len(present)
+    if indices is None and last_k is None:
+        last_k = keep_count(n, top_frac, 1)
     if last_k is not None:
         if last_k > n:
             raise UserError(f"selection.last_k={last_k} but the model has {n} layers")
@@ -96,7 +101,9 @@ def select(table: dict[str, dict], cfg: SelectionConfig, seed: int = 0) -> list[
     elif s is Strategy.random:
         chosen = random(table, cfg.top_frac, seed, cfg.min_per_type)
     elif s is Strategy.layers:
-        chosen = layers(table, cfg.layers, cfg.last_k)
+        chosen = layers(table, cfg.layers, cfg.last_k, cfg.top_frac)
+    elif s is Strategy.none:
+        return []
     else:
         chosen = list(table)
     if not chosen:

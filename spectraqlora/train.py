@@ -140,7 +140,7 @@ def _run(cfg: TrainConfig, run_dir: Path, resume_from: Path | None, info: RunInf
 
 
 def format_selection(table: dict[str, dict], chosen: list[str]) -> str:
-    width = max(len(n) for n in chosen)
+    width = max((len(n) for n in chosen), default=6)
     lines = [f"  {'module':<{width}}  {'type':<24} {'snr':>8}"]
     for name in chosen:
         snr = table[name]["snr"]

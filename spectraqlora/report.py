@@ -1,0 +1,154 @@
+"""`python -m spectraqlora.report <multirun or sweep dir>`: what every finished run under it
+found, as one table (mean and std over seeds per swept setting) and two plots.
+
+Reads each run's `.hydra/overrides.yaml`, `metrics.json` and `selection.json`; runs without
+metrics.json (unfinished, failed, pruned) are counted and skipped. Writes report.md,
+report_metric_vs_params.png and report_metric_vs_memory.png into the dir and prints the table.
+`experiment=strategy_study` runs it at the end of its sweep (ReportCallback).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import sys
+from pathlib import Path
+
+import yaml
+from hydra.experimental.callback import Callback
+
+from spectraqlora import rundir
+from spectraqlora.errors import UserError, exit_on_user_error
+
+log = logging.getLogger(__name__)
+
+REPORT = "report.md"
+IGNORED = {"seed", "hparams_search", "experiment"}  # not settings to group by
+COLUMNS = [("eval_loss", "eval loss", "{:.4f}"), ("eval_accuracy", "accuracy", "{:.4f}"),
+           ("eval_perplexity", "perplexity", "{:.2f}"), ("trainable_params", "trainable", "{:,.0f}"),
+           ("tokens_per_sec", "tokens/s", "{:.0f}"), ("peak_mem_gb", "peak GB", "{:.3f}")]
+
+
+def collect(root: Path) -> tuple[list[dict], int]:
+    """One row per finished run under root: its overrides (key -> value), metrics and selection
+    strategy; and how many runs were skipped as unfinished."""
+    rows, unfinished = [], 0
+    for overrides_file in sorted(root.rglob(".hydra/overrides.yaml")):
+        run = overrides_file.parent.parent
+        if not (run / rundir.METRICS).is_file():
+            unfinished += 1
+            continue
+        overrides = dict(o.lstrip("+~").split("=", 1) for o in yaml.safe_load(overrides_file.read_text()) or [])
+        selection = rundir.read_json(run / rundir.SELECTION)
+        rows.append({"run": str(run.relative_to(root)), "overrides": overrides,
+                     "strategy": selection["strategy"], **rundir.read_json(run / rundir.METRICS)})
+    return rows, unfinished
+
+
+def swept(rows: list[dict]) -> list[str]:
+    """Override keys whose values differ between runs (seeds excluded): the settings compared."""
+    keys = {k for row in rows for k in row["overrides"]} - IGNORED
+    return sorted(k for k in keys if len({row["overrides"].get(k) for row in rows}) > 1)
+
+
+def summarize(rows: list[dict]) -> tuple[list[str], list[dict]]:
+    """Rows grouped by the swept settings: n, and mean and std of each metric present."""
+    keys = swept(rows)
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row["overrides"].get(k, "") for k in keys), []).append(row)
+    table = []
+    for setting, members in groups.items():
+        entry = {**dict(zip(keys, setting)), "strategy": members[0]["strategy"], "n": len(members)}
+        for metric, _, _ in COLUMNS:
+            values = [m[metric] for m in members if metric in m]
+            if values:
+                entry[metric] = statistics.mean(values)
+                entry[f"{metric}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        table.append(entry)
+    return keys, sorted(table, key=lambda e: (e["strategy"], e.get("trainable_params", 0)))
+
+
+def markdown(keys: list[str], table: list[dict]) -> str:
+    metrics = [c for c in COLUMNS if any(c[0] in e for e in table)]
+    head = [*keys, "strategy", "n", *(title for _, title, _ in metrics)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for e in table:
+        cells = [str(e[k]) for k in keys] + [e["strategy"], str(e["n"])]
+        for metric, _, fmt in metrics:
+            if metric not in e:
+                cells.append("")
+            elif e["n"] > 1 and metric not in ("trainable_params",):
+                cells.append(f"{fmt.format(e[metric])} ± {fmt.format(e[metric + '_std'])}")
+            else:
+                cells.append(fmt.format(e[metric]))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(table: list[dict], x: str, xlabel: str, path: Path) -> None:
+    """The headline metric (accuracy where there is one, else eval loss) against x, one line of
+    points per strategy, with the std over seeds as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = "eval_accuracy" if any("eval_accuracy" in e for e in table) else "eval_loss"
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for strategy in sorted({e["strategy"] for e in table}):
+        points = sorted((e for e in table if e["strategy"] == strategy and metric in e and x in e),
+                        key=lambda e: e[x])
+        ax.errorbar([e[x] for e in points], [e[metric] for e in points],
+                    yerr=[e[f"{metric}_std"] for e in points], marker="o", capsize=3, label=strategy)
+    ax.set_xscale("log" if x == "trainable_params" else "linear")
+    ax.set(xlabel=xlabel, ylabel=metric.replace("_", " "), title=f"{metric.replace('_', ' ')} vs {xlabel}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def write_report(root: Path) -> str:
+    """report.md and the plots in root; returns the table."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"{root}: no such directory (give a multirun or sweep dir)")
+    rows, unfinished = collect(root)
+    if not rows:
+        raise UserError(f"{root} holds no finished run (no */metrics.json; {unfinished} unfinished)")
+    keys, table = summarize(rows)
+    text = markdown(keys, table)
+    plot(table, "trainable_params", "trainable parameters", root / "report_metric_vs_params.png")
+    plot(table, "peak_mem_gb", "peak memory (GB)", root / "report_metric_vs_memory.png")
+    rundir.write_text(root / REPORT, "\n".join([
+        f"# Report: {root}", "",
+        f"{len(rows)} finished runs ({unfinished} unfinished skipped); mean ± std over the runs "
+        f"of each setting (seeds).", "", text, "",
+        "![metric vs trainable parameters](report_metric_vs_params.png)",
+        "![metric vs peak memory](report_metric_vs_memory.png)", ""]))
+    return f"{len(rows)} finished runs, {unfinished} unfinished skipped\n{text}"
+
+
+class ReportCallback(Callback):
+    """Hydra callback: the report of a multirun, written when it ends."""
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        try:
+            log.info("%s", write_report(Path(config.hydra.sweep.dir)))
+        except UserError as exc:
+            log.warning("no report: %s", exc)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m spectraqlora.report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("dir", type=Path, help="a multirun or sweep dir")
+    args = parser.parse_args(argv)
+    with exit_on_user_error():
+        print(write_report(args.dir))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,75 @@
+"""spectraqlora.report over run dirs, and the strategy study's arms."""
+import json
+
+import pytest
+import yaml
+
+from conftest import compose, run_cli
+from spectraqlora import report
+from spectraqlora.config import to_train_config
+from spectraqlora.errors import UserError
+
+
+def fake_run(root, n, overrides, metrics, strategy="spectrum"):
+    run = root / str(n)
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    (run / "selection.json").write_text(json.dumps({"strategy": strategy, "modules": []}))
+    if metrics is not None:
+        (run / "metrics.json").write_text(json.dumps(metrics))
+
+
+def test_report_groups_by_swept_settings_over_seeds(tmp_path):
+    base = {"trainable_params": 1000, "tokens_per_sec": 50.0, "peak_mem_gb": 0.7}
+    for n, (arm, seed, acc) in enumerate([("a", 1, 0.8), ("a", 2, 0.9), ("b", 1, 0.6), ("b", 2, 0.6)]):
+        fake_run(tmp_path, n, [f"arm={arm}", f"seed={seed}", "model=minilm"],
+                 {**base, "eval_loss": 1 - acc, "eval_accuracy": acc}, strategy=arm)
+    fake_run(tmp_path, 9, ["arm=a", "seed=3"], None)  # unfinished
+
+    printed = report.write_report(tmp_path)
+    assert printed.startswith("4 finished runs, 1 unfinished skipped")
+    text = (tmp_path / "report.md").read_text()
+    assert "| arm | strategy | n | eval loss | accuracy | trainable | tokens/s | peak GB |" in text
+    assert "| a | a | 2 | 0.1500 ± 0.0707 | 0.8500 ± 0.0707 | 1,000 |" in text
+    assert "| b | b | 2 | 0.4000 ± 0.0000 | 0.6000 ± 0.0000 |" in text
+    for png in ("report_metric_vs_params.png", "report_metric_vs_memory.png"):
+        assert (tmp_path / png).stat().st_size > 1000
+
+
+def test_report_of_a_dir_without_finished_runs_is_one_clear_error(tmp_path):
+    fake_run(tmp_path, 0, ["seed=1"], None)
+    with pytest.raises(UserError, match="holds no finished run .*1 unfinished"):
+        report.write_report(tmp_path)
+    result = run_cli("report", str(tmp_path / "nope"), cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.startswith("error: ") and "no such directory" in result.stderr
+
+
+@pytest.mark.parametrize("arm, strategy, per_type", [
+    ("spectrum_1of6", "spectrum", 1), ("random_2of6", "random", 2), ("last_3of6", "layers", 3),
+    ("all", "all", 6), ("head_only", "none", 0)])
+def test_strategy_study_arms_match_their_budget_on_minilm(arm, strategy, per_type):
+    from spectraqlora import checkpoint
+    from spectraqlora.scan import scan_and_select
+
+    cfg = to_train_config(compose("experiment=strategy_study", f"arm={arm}", "seed=2"))
+    assert cfg.selection.strategy.value == strategy and cfg.lora.r == 8
+    table, chosen = scan_and_select(checkpoint.safetensors_files(checkpoint.resolve(cfg.model)), cfg)
+    assert len(chosen) == 6 * per_type  # MiniLM: six module types, six layers
+    assert {sum(table[n]["type"] == t for n in chosen) for t in {r["type"] for r in table.values()}} == {per_type}
+
+
+def test_head_only_trains_the_classifier_alone_and_reloads(tmp_path):
+    from spectraqlora import train
+    from spectraqlora.evaluate import evaluate_run
+
+    from omegaconf import OmegaConf
+
+    composed = compose("selection=none", "trainer.max_steps=4", "trainer.eval_steps=0",
+                       "dataset.eval_size=32", "dataset.train_size=64")
+    (tmp_path / ".hydra").mkdir()
+    OmegaConf.save(composed, tmp_path / ".hydra" / "config.yaml")  # as Hydra writes it
+    metrics = train.run(to_train_config(composed), tmp_path)
+    assert metrics["trainable_params"] == 384 * 2 + 2  # MiniLM's classifier: hidden 384, 2 classes
+    assert metrics["selected_modules"] == 0
+    again = evaluate_run(tmp_path)
+    assert again["eval_loss"] == pytest.approx(metrics["eval_loss"], abs=1e-4)
