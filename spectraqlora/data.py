@@ -37,7 +37,11 @@ def _clause(rng: random.Random) -> tuple[str, int]:
 def synthetic_review(rng: random.Random) -> tuple[str, int]:
     """One review and its sentiment (1 positive). Needs composition, not only word lookup:
     a negation flips a clause ("the food was not great"), and after "but" the second clause
-    decides ("the view is lovely but the service was not pleasant" is negative)."""
+    decides ("the view is lovely but the service was not pleasant" is negative).
+
+    Measured (docs/results.md, experiment=strategy_study): a linear head on the frozen 4-bit
+    MiniLM (selection=none) reaches 0.59 +- 0.06 accuracy over 3 seeds; LoRA on 1/6 of its
+    modules reaches 0.96-1.00."""
     first, label = _clause(rng)
     kind = rng.random()
     if kind < 0.35:

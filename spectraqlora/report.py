@@ -87,20 +87,21 @@ def markdown(keys: list[str], table: list[dict]) -> str:
 
 
 def plot(table: list[dict], x: str, xlabel: str, path: Path) -> None:
-    """The headline metric (accuracy where there is one, else eval loss) against x, one line of
-    points per strategy, with the std over seeds as error bars."""
+    """Eval loss (log scale: it separates runs long after accuracy saturates) against x, one
+    line of points per strategy, with the std over seeds as error bars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metric = "eval_accuracy" if any("eval_accuracy" in e for e in table) else "eval_loss"
+    metric = "eval_loss"
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for strategy in sorted({e["strategy"] for e in table}):
         points = sorted((e for e in table if e["strategy"] == strategy and metric in e and x in e),
                         key=lambda e: e[x])
         ax.errorbar([e[x] for e in points], [e[metric] for e in points],
                     yerr=[e[f"{metric}_std"] for e in points], marker="o", capsize=3, label=strategy)
+    ax.set_yscale("log")
     ax.set_xscale("log" if x == "trainable_params" else "linear")
     ax.set(xlabel=xlabel, ylabel=metric.replace("_", " "), title=f"{metric.replace('_', ' ')} vs {xlabel}")
     ax.grid(alpha=0.3)
