@@ -148,3 +148,11 @@ def test_search_space_syntax_matches_hydra_optuna_sweeper():
     assert parsed("a=choice(4, 8, 16)") == CategoricalDistribution([4, 8, 16])
     assert parsed("a=range(1, 5)") == IntDistribution(1, 4)
     assert parsed("a=3") is None
+
+
+def test_storage_passwords_stay_out_of_results_and_logs():
+    from hydra_plugins.spectraqlora_optuna_sweeper._impl import SweeperImpl
+
+    sweeper = SweeperImpl(None, None, "minimize", None, None, "s", 1, 1, 0.5, 60, None, None)
+    sweeper.url = "postgresql://optuna:s3cret@db.example:5432/studies"
+    assert "s3cret" not in sweeper._shown_url() and "db.example:5432/studies" in sweeper._shown_url()

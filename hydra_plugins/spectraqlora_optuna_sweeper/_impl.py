@@ -124,9 +124,12 @@ class SweeperImpl:
     def _sweep(self, arguments: list[str]) -> None:
         self._check()
         self.sweep_dir.mkdir(parents=True, exist_ok=True)
-        rundir.write_text(self.sweep_dir / "multirun.yaml", OmegaConf.to_yaml(self.config))
         fixed, space = self._search_space(arguments)
         self.url = storage_url(self, self.sweep_dir)
+        shown = OmegaConf.to_container(self.config)  # interpolations stay as written
+        if self.storage and "${" not in str(shown["hydra"]["sweeper"]["storage"]):
+            shown["hydra"]["sweeper"]["storage"] = self._shown_url()  # no password on disk
+        rundir.write_text(self.sweep_dir / "multirun.yaml", OmegaConf.to_yaml(shown))
         self.storage_obj = make_storage(self.url, self.heartbeat_interval, self.grace_period)
         study = optuna.create_study(study_name=self.study_name, storage=self.storage_obj,
                                     pruner=make_pruner(self.pruner_cfg), directions=self.directions,
