@@ -10,9 +10,9 @@ from hydra.types import RunMode
 SWEEPER = "hydra_plugins.spectraqlora_optuna_sweeper.optuna_sweeper.SpectraOptunaSweeper"
 
 
-def storage_url(sweeper_cfg, sweep_dir) -> str:
+def storage_url(storage: str | None, sweep_dir) -> str:
     """The configured storage, or an SQLite file in the sweep dir (optuna-dashboard reads it)."""
-    return sweeper_cfg.storage or f"sqlite:///{Path(sweep_dir).resolve() / 'optuna.db'}"
+    return storage or f"sqlite:///{Path(sweep_dir).resolve() / 'optuna.db'}"
 
 
 def make_storage(url: str, heartbeat_interval: int | None = None, grace_period: int | None = None):
@@ -47,7 +47,7 @@ def current_trial(hydra_cfg):
     import optuna
 
     sweeper = hydra_cfg.sweeper
-    storage = make_storage(storage_url(sweeper, hydra_cfg.sweep.dir))
+    storage = make_storage(storage_url(sweeper.storage, hydra_cfg.sweep.dir))
     study = optuna.load_study(study_name=sweeper.study_name, storage=storage,
                               pruner=make_pruner(sweeper.pruner))
     if len(study.directions) > 1:

@@ -182,7 +182,7 @@ def _init_wandb(*, project, entity, **kwargs):
             settings=wandb.Settings(init_timeout=60, silent=True),
             **kwargs)
     except Exception as exc:
-        log.warning("W&B could not start (%s); training goes on, metrics.jsonl keeps every value",
+        log.warning("W&B could not start (%s); going on without it (the files on disk keep every value)",
                     str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         return None
 

@@ -125,7 +125,7 @@ class SweeperImpl:
         self._check()
         self.sweep_dir.mkdir(parents=True, exist_ok=True)
         fixed, space = self._search_space(arguments)
-        self.url = storage_url(self, self.sweep_dir)
+        self.url = storage_url(self.storage, self.sweep_dir)
         shown = OmegaConf.to_container(self.config)  # interpolations stay as written
         if self.storage and "${" not in str(shown["hydra"]["sweeper"]["storage"]):
             shown["hydra"]["sweeper"]["storage"] = self._shown_url()  # no password on disk
