@@ -120,6 +120,9 @@ class QuantConfig:
     mode: Quant = Quant.nf4
     double_quant: bool = True
     compute_dtype: Optional[str] = None  # null: model.dtype (bf16 compute is slow on CPUs)
+    # bnb_4bit_quant_storage: what the packed 4-bit weights are stored as. null: uint8, or the
+    # compute dtype under FSDP (FSDP shards float tensors only, all of one dtype)
+    storage_dtype: Optional[str] = None
 
 
 @dataclass
@@ -197,6 +200,8 @@ _RANGES = {
     "lora.bias": (lambda v: v in ("none", "all", "lora_only"), "one of none, all, lora_only"),
     "model.dtype": (lambda v: v in _DTYPES, f"one of {', '.join(_DTYPES)}"),
     "quant.compute_dtype": (lambda v: v is None or v in _DTYPES, f"null or one of {', '.join(_DTYPES)}"),
+    "quant.storage_dtype": (lambda v: v is None or v in _DTYPES + ("uint8",),
+                            f"null, uint8 or one of {', '.join(_DTYPES)}"),
     "dataset.max_length": (lambda v: v > 0, "a positive integer"),
     "dataset.eval_size": (lambda v: v > 0, "a positive integer"),
     "dataset.train_size": (lambda v: v is None or v > 0, "a positive integer or null"),

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from spectraqlora import distributed
 from spectraqlora.config import LoraConfig, ModelConfig, Quant, QuantConfig, Task
 from spectraqlora.errors import UserError
 
@@ -36,20 +37,35 @@ def bnb_config(quant: QuantConfig, model: ModelConfig):
         bnb_4bit_quant_type=quant.mode.value,
         bnb_4bit_use_double_quant=quant.double_quant,
         bnb_4bit_compute_dtype=getattr(torch, quant.compute_dtype or model.dtype),
+        bnb_4bit_quant_storage=getattr(torch, quant_storage(quant, model)),
         llm_int8_skip_modules=skip,
     )
 
 
+def quant_storage(quant: QuantConfig, model: ModelConfig) -> str:
+    """The dtype 4-bit weights are packed in. FSDP (FSDP-QLoRA) shards only float tensors of
+    one dtype: there it is the compute dtype, and the model's other weights must match it."""
+    if not distributed.fsdp():
+        return quant.storage_dtype or "uint8"
+    storage = quant.storage_dtype or quant.compute_dtype or model.dtype
+    if storage != model.dtype:
+        raise UserError(f"FSDP shards the 4-bit weights with the others: quant.storage_dtype "
+                        f"({storage}) must equal model.dtype ({model.dtype}); set "
+                        f"quant.storage_dtype={model.dtype} or model.dtype={storage}")
+    return storage
+
+
 def load_base(path: Path, model: ModelConfig, quant: QuantConfig, tokenizer, num_labels: int | None):
-    """The frozen base, quantized as configured, on the GPU if there is one."""
+    """The frozen base, quantized as configured, on this process's GPU if there is one."""
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
 
     kwargs = dict(
         quantization_config=bnb_config(quant, model),
         dtype=getattr(torch, model.dtype),
-        device_map={"": device()},
         trust_remote_code=model.trust_remote_code,
     )
+    if not distributed.fsdp():  # FSDP places (and with cpu_ram_efficient_loading, loads) itself
+        kwargs["device_map"] = {"": device()}
     if model.task is Task.classification:
         net = AutoModelForSequenceClassification.from_pretrained(
             path, num_labels=num_labels, pad_token_id=tokenizer.pad_token_id, **kwargs)

@@ -2,22 +2,28 @@
 training jobs it launches: the storage, the pruner, and the trial a job reports to."""
 from __future__ import annotations
 
-import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 from hydra.types import RunMode
+
+from spectraqlora.errors import UserError
 
 SWEEPER = "hydra_plugins.spectraqlora_optuna_sweeper.optuna_sweeper.SpectraOptunaSweeper"
 
 
 def storage_url(storage: str | None, sweep_dir) -> str:
-    """The configured storage, or an SQLite file in the sweep dir (optuna-dashboard reads it)."""
+    """The configured storage, or an SQLite file in the sweep dir (optuna-dashboard reads it).
+    A bare postgresql:// URL takes psycopg (3), the driver of the [postgres] extra."""
+    if storage and storage.startswith("postgresql://"):
+        return storage.replace("postgresql://", "postgresql+psycopg://", 1)
     return storage or f"sqlite:///{Path(sweep_dir).resolve() / 'optuna.db'}"
 
 
-def make_storage(url: str, heartbeat_interval: int | None = None, grace_period: int | None = None):
-    """An RDB storage for SQLAlchemy URLs (with heartbeats, so that trials of a dead worker
-    become FAIL), or a JournalStorage file for `journal:///path` (shared file systems)."""
+def make_storage(url: str):
+    """An RDB storage for SQLAlchemy URLs (sqlite, postgresql+psycopg, mysql), or a
+    JournalStorage file for `journal:///path` (clusters with a shared file system and no
+    database server)."""
     import optuna
 
     if url.startswith("journal://"):
@@ -25,10 +31,48 @@ def make_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
 
         return optuna.storages.JournalStorage(JournalFileBackend(url.removeprefix("journal://")))
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine, grace_period=grace_period,
-                                          heartbeat_interval=heartbeat_interval)
+    try:
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine)
+    except ModuleNotFoundError as exc:
+        extra = {"psycopg": "postgres", "psycopg2": "postgres"}.get(exc.name)
+        raise UserError(f"hydra.sweeper.storage needs the {exc.name} module: "
+                        + (f'pip install "spectraqlora[{extra}]"' if extra else f"pip install {exc.name}")) from None
+
+
+@contextmanager
+def study_lock(url: str, study_name: str):
+    """Held by a sweep worker while it counts the study's trials and asks for new ones, so that
+    workers on many machines start exactly n_trials between them. A PostgreSQL advisory lock
+    (MySQL: GET_LOCK) on a connection of its own, which the server drops with its process; for
+    SQLite and journal files, a lock file beside them (NFS-safe, broken after 30 s by others
+    if its holder died)."""
+    if url.startswith(("postgresql", "mysql")):
+        from sqlalchemy import create_engine, pool, text
+
+        name = f"spectraqlora:{study_name}"
+        lock, unlock = (("SELECT pg_advisory_lock(hashtext(:n))", "SELECT pg_advisory_unlock(hashtext(:n))")
+                        if url.startswith("postgresql") else
+                        ("SELECT GET_LOCK(:n, -1)", "SELECT RELEASE_LOCK(:n)"))
+        engine = create_engine(url, poolclass=pool.NullPool)
+        try:
+            with engine.connect() as conn:
+                conn.execute(text(lock), {"n": name})
+                try:
+                    yield
+                finally:
+                    conn.execute(text(unlock), {"n": name})
+        finally:
+            engine.dispose()
+        return
+    from optuna.storages.journal import JournalFileOpenLock
+
+    path = url.removeprefix("journal://") if url.startswith("journal://") else url.removeprefix("sqlite:///")
+    lock = JournalFileOpenLock(f"{path}.{study_name}")
+    lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def make_pruner(pruner_cfg):

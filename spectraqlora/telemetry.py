@@ -19,7 +19,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from spectraqlora import rundir
+from spectraqlora import distributed, rundir
 from spectraqlora.config import LoggerConfig, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -76,15 +76,16 @@ def memory() -> dict:
 
 class Telemetry:
     """The sinks of one run: metrics.jsonl (appended, so a resumed run keeps its history) and
-    an optional W&B run."""
+    an optional W&B run; none at all for run_dir None (the other ranks of a distributed run)."""
 
-    def __init__(self, run_dir: Path, wandb_run=None):
-        self.path = Path(run_dir) / JSONL
+    def __init__(self, run_dir: Path | None, wandb_run=None):
+        self.path = None if run_dir is None else Path(run_dir) / JSONL
         self.wandb = wandb_run
 
     def log(self, metrics: dict, step: int) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, **metrics}) + "\n")
         self._wandb(lambda run: run.log(metrics, step=step))
 
     def summary(self, metrics: dict) -> None:
@@ -123,7 +124,11 @@ class Telemetry:
 @contextlib.contextmanager
 def session(cfg: TrainConfig, run_dir: Path, info: RunInfo):
     """Telemetry for one run; its W&B run is finished however the run ends, so trials of a
-    sweep in one process never merge into one W&B run."""
+    sweep in one process never merge into one W&B run. Only the main process of a distributed
+    run logs."""
+    if not distributed.is_main():
+        yield Telemetry(None)
+        return
     telemetry = Telemetry(run_dir, start_wandb(cfg, run_dir, info) if cfg.logger.name == "wandb" else None)
     failed = True
     try:

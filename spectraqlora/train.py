@@ -1,12 +1,14 @@
 """`python -m spectraqlora.train [overrides]`: scan, select, quantize, adapt, train, evaluate.
 
-Returns the final eval loss so any Hydra sweeper can minimize it.
+Returns the final eval loss so any Hydra sweeper can minimize it. Under `accelerate launch` or
+`torchrun`, the main process does all of that and the other ranks follow it (distributed.py).
 """
 from __future__ import annotations
 
 import logging
 import math
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -15,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from spectraqlora import checkpoint, exports, rundir, telemetry
+from spectraqlora import checkpoint, distributed, exports, rundir, telemetry
 from spectraqlora.config import CONF_DIR, RankAllocation, TrainConfig, to_train_config
 from spectraqlora.errors import NonFiniteLoss, OutOfMemory, UserError, exit_on_user_error
 from spectraqlora.scan import scan_and_select
@@ -32,11 +34,9 @@ def run(cfg: TrainConfig, run_dir: Path, info: RunInfo | None = None) -> dict:
     Out of memory becomes an OutOfMemory error that names the configuration, after the memory
     is given back, so that the next trial of a sweep in this process starts clean.
     """
-    run_dir.mkdir(parents=True, exist_ok=True)
-    resume_from = rundir.resume_point(run_dir, cfg.trainer.resume)
-    if (run_dir / rundir.METRICS).exists():
-        log.info("%s has finished already: nothing to resume", run_dir)
-        return rundir.read_json(run_dir / rundir.METRICS)
+    resume_from, finished = distributed.from_main(lambda: _start(run_dir, cfg.trainer.resume))
+    if finished:
+        return finished
     try:
         return _run(cfg, run_dir, resume_from, info or RunInfo())
     except UserError:
@@ -59,6 +59,30 @@ def run(cfg: TrainConfig, run_dir: Path, info: RunInfo | None = None) -> dict:
         f"batch), set trainer.gradient_checkpointing=true, or lower selection.top_frac or lora.r")
 
 
+def _start(run_dir: Path, resume: bool) -> tuple[Path | None, dict | None]:
+    """The checkpoint to resume from, and the metrics of a run that has finished already."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resume_from = rundir.resume_point(run_dir, resume)
+    if (run_dir / rundir.METRICS).exists():
+        log.info("%s has finished already: nothing to resume", run_dir)
+        return None, rundir.read_json(run_dir / rundir.METRICS)
+    return resume_from, None
+
+
+def select(cfg: TrainConfig, files: list[Path], run_dir: Path):
+    """Scan (or read the cache), select, export snr.json and the heatmap; the SNR table, the
+    chosen modules, their ranks (rank_allocation=snr) and the heatmap's path."""
+    table, chosen = scan_and_select(files, cfg)
+    heatmap = exports.write_snr(run_dir, table, chosen, exports.slug(cfg.model.name_or_path))
+    log.info("selected %d of %d modules (%s):\n%s", len(chosen), len(table),
+             cfg.selection.strategy.value, format_selection(table, chosen))
+    ranks = None
+    if cfg.lora.rank_allocation is RankAllocation.snr:
+        ranks = snr_ranks(table, chosen, cfg.lora.r, cfg.lora.r_min, cfg.lora.r_max)
+        log.info("ranks by SNR: %s", ", ".join(f"{n}={r}" for n, r in ranks.items()))
+    return table, chosen, ranks, heatmap
+
+
 def _run(cfg: TrainConfig, run_dir: Path, resume_from: Path | None, info: RunInfo) -> dict:
     telemetry.configure_progress(telemetry.show_progress(cfg.logger))
     path = checkpoint.resolve(cfg.model)  # first: a missing model fails before heavy imports
@@ -72,14 +96,10 @@ def _run(cfg: TrainConfig, run_dir: Path, resume_from: Path | None, info: RunInf
     tokenizer = modeling.load_tokenizer(path, cfg.model)
     raw = data.load(cfg.dataset, cfg.model.task, cfg.seed)
 
-    table, chosen = scan_and_select(files, cfg)
-    heatmap = exports.write_snr(run_dir, table, chosen, exports.slug(cfg.model.name_or_path))
-    log.info("selected %d of %d modules (%s):\n%s", len(chosen), len(table),
-             cfg.selection.strategy.value, format_selection(table, chosen))
-    ranks = None
-    if cfg.lora.rank_allocation is RankAllocation.snr:
-        ranks = snr_ranks(table, chosen, cfg.lora.r, cfg.lora.r_min, cfg.lora.r_max)
-        log.info("ranks by SNR: %s", ", ".join(f"{n}={r}" for n, r in ranks.items()))
+    table, chosen, ranks, heatmap = distributed.from_main(lambda: select(cfg, files, run_dir))
+    if distributed.launched():
+        log.info("rank %d of %d trains %d modules: %s", distributed.rank(), distributed.world_size(),
+                 len(chosen), selection_digest(chosen))
 
     tokenized = data.tokenize(raw, tokenizer, cfg.dataset, cfg.model.task)
     base = modeling.load_base(path, cfg.model, cfg.quant, tokenizer,
@@ -113,11 +133,7 @@ def _run(cfg: TrainConfig, run_dir: Path, resume_from: Path | None, info: RunInf
             raise NonFiniteLoss(f"the eval loss is {after['eval_loss']} after training; lower "
                                 f"trainer.learning_rate")
 
-        net.save_pretrained(run_dir / rundir.ADAPTER, safe_serialization=True)
-        rundir.write_json(run_dir / rundir.SELECTION, selection_record(
-            cfg.selection, chosen, lora_targets=targets, trainable_params=trainable,
-            **({"ranks": ranks} if ranks else {})))
-        mem = telemetry.memory()
+        training.save_adapter(trainer, run_dir / rundir.ADAPTER)
         metrics = {
             **after,
             **{f"{k}_before": v for k, v in before.items()},
@@ -129,14 +145,32 @@ def _run(cfg: TrainConfig, run_dir: Path, resume_from: Path | None, info: RunInf
             "train_steps": trainer.state.global_step,
             "skipped_steps": trainer.skipped_steps,
             **{k.removeprefix("perf/"): v for k, v in meter.totals(trainer.args, trainer.state).items()},
-            "peak_mem_gb": mem.get("mem/peak_allocated_gb", mem["mem/peak_rss_gb"]),
-            **{k.removeprefix("mem/"): v for k, v in mem.items()},
+            **resources(),
         }
+        if not distributed.is_main():
+            return metrics
+        rundir.write_json(run_dir / rundir.SELECTION, selection_record(
+            cfg.selection, chosen, lora_targets=targets, trainable_params=trainable,
+            **({"ranks": ranks} if ranks else {})))
         tel.summary(metrics)
         rundir.write_json(run_dir / rundir.METRICS, metrics)  # last: marks the run finished
     if not cfg.trainer.keep_checkpoints:
         shutil.rmtree(run_dir / rundir.CHECKPOINTS, ignore_errors=True)
     return metrics
+
+
+def resources() -> dict:
+    """This process's peak memory: GPU memory allocated where there is a GPU, else RSS."""
+    mem = telemetry.memory()
+    return {"peak_mem_gb": mem.get("mem/peak_allocated_gb", mem["mem/peak_rss_gb"]),
+            **{k.removeprefix("mem/"): v for k, v in mem.items()}}
+
+
+def selection_digest(chosen: list[str]) -> str:
+    """A short fingerprint of a selection: equal on every rank that trains the same modules."""
+    import hashlib
+
+    return hashlib.sha256("\n".join(chosen).encode()).hexdigest()[:12]
 
 
 def format_selection(table: dict[str, dict], chosen: list[str]) -> str:
@@ -153,12 +187,30 @@ def format_metrics(metrics: dict) -> str:
     return "  ".join(f"{k.removeprefix('eval_')}={v:.4f}" for k, v in metrics.items())
 
 
+def main() -> None:
+    """The entrypoint: Hydra on the main process; under accelerate launch or torchrun, the other
+    ranks take their config and run dir from it instead."""
+    if distributed.launched():
+        with exit_on_user_error():
+            distributed.check_not_a_sweep(sys.argv[1:])
+        distributed.start()
+        if not distributed.is_main():
+            try:
+                run(*distributed.from_main())
+            except distributed.MainProcessFailed:  # the main process has said why
+                sys.exit(1)
+            return
+    hydra_main()
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
-def main(cfg: DictConfig) -> float:
+def hydra_main(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode is RunMode.MULTIRUN
     with exit_on_user_error(reraise=multirun):
-        metrics = run(to_train_config(cfg), Path(hydra_cfg.runtime.output_dir), run_info(hydra_cfg))
+        job = distributed.from_main(lambda: (to_train_config(cfg), Path(hydra_cfg.runtime.output_dir),
+                                             run_info(hydra_cfg)))
+        metrics = run(*job)
     return metrics["eval_loss"]
 
 

@@ -14,7 +14,7 @@ import torch
 import transformers
 from transformers import TrainingArguments
 
-from spectraqlora import data, rundir
+from spectraqlora import data, distributed, rundir
 from spectraqlora.config import TrainConfig, Task
 from spectraqlora.errors import NonFiniteLoss
 from spectraqlora.telemetry import Telemetry, memory, show_progress
@@ -57,10 +57,11 @@ _UNPAGED = {"paged_adamw_8bit": "adamw_8bit", "paged_adamw_32bit": "adamw_torch"
 
 def optimizer(name: str | None) -> str:
     """trainer.optim for TrainingArguments: null picks paged 8-bit AdamW on CUDA, AdamW
-    elsewhere; a paged optimizer asked for on a machine without CUDA falls back (one line)."""
+    elsewhere and under FSDP (whose checkpoints paged 8-bit AdamW cannot save, as peft's FSDP
+    guide says); a paged optimizer asked for on a machine without CUDA falls back (one line)."""
     cuda = torch.cuda.is_available()
     if name is None:
-        return "paged_adamw_8bit" if cuda else "adamw_torch"
+        return "paged_adamw_8bit" if cuda and not distributed.fsdp() else "adamw_torch"
     if name in _UNPAGED and not cuda:
         log.info("trainer.optim=%s: no GPU to page from, using %s", name, _UNPAGED[name])
         return _UNPAGED[name]
@@ -174,7 +175,7 @@ def throughput(step_times: list[float], tokens: int, args: TrainingArguments) ->
 
 def build_trainer(net, tokenized, tokenizer, cfg: TrainConfig, run_dir: Path,
                   callbacks: list | None = None) -> Trainer:
-    return Trainer(
+    trainer = Trainer(
         model=net,
         args=training_arguments(cfg, run_dir),
         train_dataset=tokenized["train"],
@@ -185,6 +186,21 @@ def build_trainer(net, tokenized, tokenizer, cfg: TrainConfig, run_dir: Path,
         on_nonfinite_loss=cfg.trainer.on_nonfinite_loss,
         callbacks=callbacks,
     )
+    if trainer.is_fsdp_enabled:  # trainable and frozen weights in separate FSDP units (peft's FSDP guide)
+        from peft.utils.other import fsdp_auto_wrap_policy
+
+        trainer.accelerator.state.fsdp_plugin.auto_wrap_policy = fsdp_auto_wrap_policy(trainer.model)
+    return trainer
+
+
+def save_adapter(trainer: Trainer, path: Path) -> None:
+    """The adapter as safetensors, written by the main process; under FSDP every rank takes
+    part in gathering its shards."""
+    if trainer.is_fsdp_enabled:
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+        trainer.save_model(str(path))
+    elif trainer.args.should_save:
+        trainer.model.save_pretrained(path, safe_serialization=True)
 
 
 def evaluate(trainer: Trainer, task: Task) -> dict:

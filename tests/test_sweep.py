@@ -93,14 +93,17 @@ def test_too_many_failures_stop_the_sweep_with_a_clear_error(tmp_path):
     assert results["trials"] == {"FAIL": 3}
 
 
-def test_pareto_sweep_with_two_workers_and_a_wandb_summary(tmp_path):
+def test_pareto_sweep_with_two_workers_on_a_journal_file_and_a_wandb_summary(tmp_path):
+    journal = tmp_path / "journal.log"
     result, sweep_dir = sweep(tmp_path, "hparams_search=snr_rank_pareto", "hydra.sweeper.n_trials=4",
                               "hydra.sweeper.n_jobs=2", "hydra.sweeper.sampler.seed=1", "logger=wandb",
-                              env={"WANDB_MODE": "offline"})
+                              f"hydra.sweeper.storage=journal://{journal}", env={"WANDB_MODE": "offline"})
     assert result.returncode == 0, result.stderr[-3000:]
-    study = load(sweep_dir, "snr_rank_pareto")
+    study = optuna.load_study(study_name="snr_rank_pareto", storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(journal))))
     assert states(study) == ["COMPLETE"] * 4  # exactly n_trials, shared by the two workers
     assert len({t.user_attrs["worker_pid"] for t in study.trials}) == 2
+    assert len({tuple(t.params.items()) for t in study.trials}) == 4  # no shared random stream
     assert sorted(p.name for p in sweep_dir.iterdir() if p.name.isdigit()) == ["0", "1", "2", "3"]
     results = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
     front = results["pareto_front"]

@@ -1,8 +1,11 @@
-"""Ask/tell over Hydra's launcher, one trial at a time per worker (README, "Sweeps").
+"""Ask/tell over Hydra's launcher (README, "Sweeps" and "Scaling out").
 
-Job number = trial number, so `multirun/<date>/<time>/<n>/` is trial n, across resumes and
-workers. A failed, NaN or out-of-memory trial is recorded FAIL with its error and the sweep goes
-on; results files are rewritten (atomically) after every trial.
+Any number of workers, on any machines, share one study: each asks for its next trial under a
+study-wide lock, so that they start exactly n_trials between them. Job number = trial number,
+so `<sweep dir>/<n>/` is trial n across resumes and workers. A trial that fails, gives NaN or
+runs out of memory is recorded FAIL with its error and the sweep goes on; a trial whose worker
+died is FAIL once its heartbeat is older than the grace period. Results files are rewritten
+(atomically) after every trial; the worker that ends the study writes the W&B summary.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -26,16 +30,16 @@ from hydra.core.plugins import Plugins
 from hydra.core.utils import JobStatus
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from optuna.storages._heartbeat import BaseHeartbeat
 
 from spectraqlora import rundir, telemetry
 from spectraqlora.errors import UserError, exit_on_user_error
-from spectraqlora.sweep import make_pruner, make_storage, storage_url
+from spectraqlora.sweep import make_pruner, make_storage, storage_url, study_lock
 
 log = logging.getLogger(__name__)
 State = optuna.trial.TrialState
 RESULTS = "optimization_results.yaml"
-WORKER = "SPECTRAQLORA_SWEEP_WORKER"  # set in the environment of workers started by n_jobs > 1
+HEARTBEAT = "heartbeat"  # trial user attr: time.time() of the worker's last sign of life
+SUMMARY = "summary_written_at"  # study user attr: trial count when the W&B summary was written
 
 
 def distribution(override: Override):
@@ -80,22 +84,37 @@ def _alive(pid: int) -> bool:
     return True
 
 
-class Heartbeat:
-    """Records the trial's heartbeat while its job runs, so other workers can tell a live trial
-    from one whose worker died (RDB storages)."""
+def _silence(trial: optuna.trial.FrozenTrial) -> float:
+    """Seconds since the trial's last heartbeat (or its start, before the first one)."""
+    last = trial.user_attrs.get(HEARTBEAT) or trial.datetime_start.timestamp()
+    return time.time() - last
 
-    def __init__(self, storage, trial_id: int, interval: int):
-        self.stop = threading.Event()
-        if not isinstance(storage, BaseHeartbeat) or storage.get_heartbeat_interval() is None:
-            return
+
+class Heartbeat:
+    """Stamps the running trials' HEARTBEAT attr every `interval` seconds while their jobs run,
+    so that other workers can tell a live trial from one whose worker died. A user attr works
+    the same on every storage (RDB and journal); workers' clocks must agree to well within the
+    grace period (NTP)."""
+
+    def __init__(self, storage, trial_ids: list[int], interval: int):
+        self.stopped = threading.Event()
 
         def run():
             while True:
-                storage.record_heartbeat(trial_id)
-                if self.stop.wait(interval):
+                try:
+                    for trial_id in trial_ids:
+                        storage.set_trial_user_attr(trial_id, HEARTBEAT, time.time())
+                except Exception as exc:  # told (FAIL) by another worker, or the storage hiccuped
+                    log.warning("heartbeat not recorded: %s", exc)
+                if self.stopped.wait(interval):
                     return
 
-        threading.Thread(target=run, daemon=True).start()
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.thread.join()
 
 
 class SweeperImpl:
@@ -106,7 +125,8 @@ class SweeperImpl:
         self.objectives = list(objectives) if objectives else None
         self.storage, self.study_name, self.params = storage, study_name, params or {}
         self.n_trials, self.n_jobs, self.max_failure_rate = n_trials, n_jobs, max_failure_rate
-        self.heartbeat_interval, self.grace_period = heartbeat_interval, grace_period
+        self.heartbeat_interval = heartbeat_interval
+        self.grace_period = grace_period or 2 * heartbeat_interval
         self.exhausted = False  # a grid sampler has run its whole grid
 
     def setup(self, *, hydra_context, task_function, config: DictConfig) -> None:
@@ -114,6 +134,12 @@ class SweeperImpl:
         self.launcher = Plugins.instance().instantiate_launcher(
             hydra_context=hydra_context, task_function=task_function, config=config)
         self.sweep_dir = Path(config.hydra.sweep.dir)
+        # Hydra's own launcher runs jobs in this process: n_jobs > 1 means that many worker
+        # processes. Any other (submitit on SLURM, joblib) gets n_jobs trials per launch: one
+        # job array.
+        from hydra._internal.core_plugins.basic_launcher import BasicLauncher
+
+        self.local = isinstance(self.launcher, BasicLauncher)
 
     def sweep(self, arguments: list[str]) -> None:
         with exit_on_user_error():
@@ -130,50 +156,76 @@ class SweeperImpl:
         if self.storage and "${" not in str(shown["hydra"]["sweeper"]["storage"]):
             shown["hydra"]["sweeper"]["storage"] = self._shown_url()  # no password on disk
         rundir.write_text(self.sweep_dir / "multirun.yaml", OmegaConf.to_yaml(shown))
-        self.storage_obj = make_storage(self.url, self.heartbeat_interval, self.grace_period)
-        study = optuna.create_study(study_name=self.study_name, storage=self.storage_obj,
-                                    pruner=make_pruner(self.pruner_cfg), directions=self.directions,
-                                    load_if_exists=True)
+        self.storage_obj = make_storage(self.url)
+        with self._lock():  # the first workers of a new study all want to create it
+            study = optuna.create_study(study_name=self.study_name, storage=self.storage_obj,
+                                        pruner=make_pruner(self.pruner_cfg),
+                                        directions=self.directions, load_if_exists=True)
         if study.directions != [optuna.study.StudyDirection[d.upper()] for d in self.directions]:
             raise UserError(f"study {self.study_name} in {self._shown_url()} has directions "
                             f"{[d.name.lower() for d in study.directions]}, not {self.directions}")
-        study.sampler = self._sampler(space, len(study.trials))
-        self._fail_dead_trials(study)
+        self._sampler(space, 0)  # a bad sampler config fails before any trial
         done = len(study.trials)
         log.info("study %s in %s: %d trials so far, %d to go", self.study_name, self._shown_url(),
                  done, max(0, self.n_trials - done))
         workers = self._spawn_workers()
         try:
-            while len(study.get_trials(deepcopy=False)) < self.n_trials and not self.exhausted:
-                self._check_failures(study)
-                with warnings.catch_warnings():  # heartbeats are ours, not Study.optimize's
-                    warnings.simplefilter("ignore", UserWarning)
-                    trial = study.ask()
-                if trial.number >= self.n_trials:  # another worker took the last one
-                    self._fail(study, trial, "surplus: the study had n_trials already")
-                    break
-                self._run(study, trial, fixed, space)
+            while trials := self._next_trials(study, space):
+                self._run(study, trials, fixed, space)
                 self._write_results(study)
         finally:
             for worker in workers:
                 if worker.wait() != 0:
                     log.warning("sweep worker pid %d exited with %d", worker.pid, worker.returncode)
-        self._check_failures(study)
+        self._wait_for_silent_trials(study)
         self._write_results(study, final=True)
+        if stop := self._failure_stop(study):
+            raise UserError(stop)
 
-    def _run(self, study: optuna.Study, trial: optuna.Trial, fixed: list[str], space: dict) -> None:
-        trial.set_user_attr("worker_host", socket.gethostname())
-        trial.set_user_attr("worker_pid", os.getpid())
-        params = [f"{name}={suggest(trial, name, dist)}" for name, dist in space.items()]
-        log.info("trial %d: %s", trial.number, " ".join(params))
-        heartbeat = Heartbeat(self.storage_obj, trial._trial_id, self.heartbeat_interval)
+    def _lock(self):
+        return study_lock(self.url, self.study_name)
+
+    def _next_trials(self, study: optuna.Study, space: dict) -> list[optuna.Trial]:
+        """The next trials for this worker (n_jobs of them for a remote launcher, else one),
+        none once the study has n_trials; asked under the study lock, so their numbers follow
+        each other and no worker starts one too many."""
+        with self._lock():
+            self._fail_dead_trials(study)
+            stop = self._failure_stop(study)
+            existing = len(study.get_trials(deepcopy=False))
+            left = self.n_trials - existing
+            if stop or self.exhausted or left <= 0:
+                trials = []
+            else:
+                study.sampler = self._sampler(space, existing)
+                trials = [study.ask() for _ in range(1 if self.local else min(self.n_jobs, left))]
+        if stop:
+            self._write_results(study, final=True)
+            raise UserError(stop)
+        return trials
+
+    def _run(self, study: optuna.Study, trials: list[optuna.Trial], fixed: list[str],
+             space: dict) -> None:
+        jobs = []
+        for trial in trials:
+            trial.set_user_attr("worker_host", socket.gethostname())
+            trial.set_user_attr("worker_pid", os.getpid())
+            params = [f"{name}={suggest(trial, name, dist)}" for name, dist in space.items()]
+            log.info("trial %d: %s", trial.number, " ".join(params))
+            jobs.append(fixed + params)
+        heartbeat = Heartbeat(self.storage_obj, [t._trial_id for t in trials], self.heartbeat_interval)
         try:
-            (ret,) = self.launcher.launch([fixed + params], initial_job_idx=trial.number)
+            returns = self.launcher.launch(jobs, initial_job_idx=trials[0].number)
         except BaseException as exc:  # Ctrl-C, or a launcher that died: never left RUNNING
-            self._fail(study, trial, f"interrupted: {type(exc).__name__}")
+            for trial in trials:
+                self._fail(study, trial, f"interrupted: {type(exc).__name__}")
             raise
         finally:
-            heartbeat.stop.set()
+            heartbeat.stop()
+        for trial, ret in zip(trials, returns):
+            self._record(study, trial, ret)
+
+    def _record(self, study: optuna.Study, trial: optuna.Trial, ret) -> None:
         run_dir = ret.hydra_cfg.hydra.runtime.output_dir if ret.hydra_cfg else None
         if run_dir:
             trial.set_user_attr("run_dir", str(run_dir))
@@ -207,12 +259,18 @@ class SweeperImpl:
     def _tell(self, study: optuna.Study, trial, values=None, state=None) -> None:
         """study.tell; a grid sampler that has run its whole grid calls Study.stop, which only
         works inside Study.optimize: the trial is recorded all the same, and the sweep ends."""
+        number = trial if isinstance(trial, int) else trial.number
         try:
-            study.tell(trial, values, state=state)
+            told = study.tell(trial, values, state=state, skip_if_finished=True)
         except RuntimeError as exc:
             if "Study.stop" not in str(exc):
                 raise
             self.exhausted = True
+            return
+        if (state or State.COMPLETE) is not told.state:  # FAILed by another worker meanwhile
+            log.warning("trial %d had been marked %s by another worker (%s); not recorded as %s",
+                        number, told.state.name, told.user_attrs.get("error"),
+                        (state or State.COMPLETE).name)
 
     def _fail(self, study: optuna.Study, trial: optuna.Trial, error: str) -> None:
         trial.set_user_attr("error", error)
@@ -224,6 +282,10 @@ class SweeperImpl:
     def _check(self) -> None:
         if self.n_trials <= 0 or self.n_jobs <= 0:
             raise UserError("hydra.sweeper.n_trials and hydra.sweeper.n_jobs must be positive")
+        if self.heartbeat_interval <= 0 or self.grace_period <= self.heartbeat_interval:
+            raise UserError(f"hydra.sweeper.heartbeat_interval={self.heartbeat_interval} and "
+                            f"grace_period={self.grace_period}: the interval must be positive and "
+                            f"the grace period longer than it (default: twice the interval)")
         if not 0 <= self.max_failure_rate <= 1:
             raise UserError(f"hydra.sweeper.max_failure_rate={self.max_failure_rate} is out of "
                             f"range: expected a fraction in [0, 1]")
@@ -250,8 +312,9 @@ class SweeperImpl:
         return fixed, space
 
     def _sampler(self, space: dict, existing: int):
-        """The configured sampler; on a resumed study its seed moves on by the trials already
-        run, so a seeded sampler does not replay the parameters it asked before."""
+        """The configured sampler, its seed moved on by the trials the study has: a resumed
+        study does not replay its parameters, and workers sharing a study never draw from the
+        same random stream."""
         from optuna.distributions import CategoricalDistribution
 
         kwargs = {}
@@ -266,24 +329,44 @@ class SweeperImpl:
         return instantiate(self.sampler_cfg, **kwargs)
 
     def _fail_dead_trials(self, study: optuna.Study) -> None:
-        """Trials left RUNNING by a killed sweep: those of a dead process on this machine at
-        once, those of other machines once their heartbeat is older than the grace period."""
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            optuna.storages.fail_stale_trials(study)
+        """FAIL the trials left RUNNING by a dead worker (call under the study lock): those of
+        a dead process on this machine at once, others once their heartbeat is older than the
+        grace period."""
         host = socket.gethostname()
         for t in study.get_trials(deepcopy=False, states=(State.RUNNING,)):
             pid = t.user_attrs.get("worker_pid")
             if t.user_attrs.get("worker_host") == host and pid and not _alive(pid):
-                self.storage_obj.set_trial_user_attr(t._trial_id, "error",
-                                                     f"its sweep process (pid {pid}) died")
-                self._tell(study, t.number, state=State.FAIL)
-                log.warning("trial %d was left running by a dead sweep (pid %d): FAIL", t.number, pid)
+                error = f"its sweep worker (pid {pid}) died"
+            elif _silence(t) > self.grace_period:
+                error = (f"no heartbeat for {_silence(t):.0f} s (grace period {self.grace_period} s): "
+                         f"its sweep worker ({t.user_attrs.get('worker_host')}, pid {pid}) died")
+            else:
+                continue
+            self.storage_obj.set_trial_user_attr(t._trial_id, "error", error)
+            self._tell(study, t.number, state=State.FAIL)
+            log.warning("trial %d FAIL: %s", t.number, error)
+
+    def _wait_for_silent_trials(self, study: optuna.Study) -> None:
+        """Before leaving, wait while a trial of another worker has missed its heartbeats, until
+        it is FAIL or beats again: a worker killed late in the study must not leave its trial
+        RUNNING for good. Trials that beat are their own workers' to finish."""
+        while True:
+            with self._lock():
+                self._fail_dead_trials(study)
+            running = study.get_trials(deepcopy=False, states=(State.RUNNING,))
+            silent = [t.number for t in running if _silence(t) > 1.5 * self.heartbeat_interval]
+            if not silent:
+                if running:
+                    log.info("trials %s run on in other workers", [t.number for t in running])
+                return
+            log.info("waiting for trials %s: no heartbeat for a while (FAIL after %d s)",
+                     silent, self.grace_period)
+            time.sleep(self.heartbeat_interval)
 
     def _spawn_workers(self) -> list[subprocess.Popen]:
         """n_jobs > 1: n_jobs - 1 more workers of this same command on this machine, sharing the
         study; each asks for its next trial when free (no batch waits for its slowest trial)."""
-        if self.n_jobs <= 1:
+        if self.n_jobs <= 1 or not self.local:
             return []
         cmd = [sys.executable, *sys.orig_argv[1:], "hydra.sweeper.n_jobs=1",
                f"hydra.sweeper.storage={self.url}", f"hydra.sweeper.study_name={self.study_name}",
@@ -292,7 +375,7 @@ class SweeperImpl:
         gpus = self._gpus()
         if gpus:
             os.environ["CUDA_VISIBLE_DEVICES"] = gpus[0]  # this process: before CUDA starts
-        return [subprocess.Popen(cmd, env={**os.environ, WORKER: "1", **(
+        return [subprocess.Popen(cmd, env={**os.environ, **(
                     {"CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]} if gpus else {})})
                 for i in range(1, self.n_jobs)]
 
@@ -306,13 +389,12 @@ class SweeperImpl:
         count = torch.cuda.device_count()
         return [str(i) for i in range(count)] if count > 1 else []
 
-    def _check_failures(self, study: optuna.Study) -> None:
-        failed = [t for t in study.get_trials(deepcopy=False, states=(State.FAIL,))
-                  if not t.user_attrs.get("error", "").startswith("surplus")]
-        if len(failed) > self.max_failure_rate * self.n_trials:
-            self._write_results(study, final=True)
-            raise UserError(
-                f"sweep stopped: {len(failed)} trials failed, more than hydra.sweeper."
+    def _failure_stop(self, study: optuna.Study) -> str | None:
+        """The error that stops the sweep once too many trials failed, else None."""
+        failed = study.get_trials(deepcopy=False, states=(State.FAIL,))
+        if len(failed) <= self.max_failure_rate * self.n_trials:
+            return None
+        return (f"sweep stopped: {len(failed)} trials failed, more than hydra.sweeper."
                 f"max_failure_rate={self.max_failure_rate} of n_trials={self.n_trials}; last "
                 f"error (trial {failed[-1].number}): {failed[-1].user_attrs.get('error')}")
 
@@ -356,9 +438,20 @@ class SweeperImpl:
         table = study.trials_dataframe()
         rundir.write_text(self.sweep_dir / "trials.csv", table.to_csv(index=False))
         plots = self._plots(study, len(complete))
-        if final and not os.environ.get(WORKER):  # the process that started the workers sums up
+        if final:
             log.info("%s:\n%s", self.sweep_dir / RESULTS, (self.sweep_dir / RESULTS).read_text())
-            telemetry.log_sweep_summary(self.config, self.study_name, self.sweep_dir, table, plots)
+            if self._claim_summary(study):
+                telemetry.log_sweep_summary(self.config, self.study_name, self.sweep_dir, table, plots)
+
+    def _claim_summary(self, study: optuna.Study) -> bool:
+        """True for the one worker that ends the study (no trial running); later resumes that
+        add trials sum up again."""
+        with self._lock():
+            trials = study.get_trials(deepcopy=False)
+            if any(t.state is State.RUNNING for t in trials) or study.user_attrs.get(SUMMARY) == len(trials):
+                return False
+            study.set_user_attr(SUMMARY, len(trials))
+            return True
 
     def _plots(self, study: optuna.Study, complete: int) -> list[Path]:
         """optuna.visualization.matplotlib figures as PNGs in the sweep dir."""

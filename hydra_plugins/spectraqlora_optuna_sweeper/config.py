@@ -61,16 +61,19 @@ class SpectraOptunaSweeperConf:
     direction: Any = "minimize"
     # metrics.json keys of each finished run, one per direction; null: the task's return value
     objectives: Optional[List[str]] = None
-    # null: sqlite:///<sweep dir>/optuna.db; any SQLAlchemy URL (postgresql://...), or
-    # journal:///<path> for a JournalStorage file on a shared file system
+    # null: sqlite:///<sweep dir>/optuna.db; any SQLAlchemy URL (postgresql+psycopg://...) for
+    # workers on many machines, or journal:///<path> for a JournalStorage file on a shared
+    # file system
     storage: Optional[str] = None
     study_name: str = "spectraqlora"
-    n_trials: int = 20  # in total, across resumes
-    n_jobs: int = 1  # >1: that many workers on this machine, each asking for its next trial
+    n_trials: int = 20  # in total, across resumes and all workers of the study
+    # Hydra's own launcher: that many workers on this machine, each asking for its next trial;
+    # another launcher (submitit on SLURM): that many trials per launch, one job array
+    n_jobs: int = 1
     # the sweep stops once more than this fraction of n_trials has failed
     max_failure_rate: float = 0.5
-    heartbeat_interval: int = 60  # seconds; a trial silent for grace_period is marked FAIL
-    grace_period: Optional[int] = None  # null: 2 x heartbeat_interval
+    heartbeat_interval: int = 60  # seconds between a running trial's heartbeats
+    grace_period: Optional[int] = None  # silent this long: its worker died, FAIL; null: 2 x interval
     params: Optional[Dict[str, str]] = None
 
 
