@@ -40,13 +40,15 @@ def fsdp() -> bool:
 
 def start() -> None:
     """Join the process group (NCCL on GPUs, gloo on CPUs) and pin this rank's GPU, before any
-    model is loaded; the Trainer's Accelerator reuses this state. Other ranks log warnings only,
-    each line marked with its rank."""
+    model is loaded. The other ranks log spectraqlora's lines and warnings, marked with
+    their rank."""
+    import torch
     from accelerate import PartialState
 
-    PartialState()
+    PartialState(cpu=not torch.cuda.is_available())  # gloo across CPU processes
     if not is_main():
-        logging.basicConfig(level=logging.WARNING, format=f"[rank {rank()}] %(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(level=logging.WARNING, format=f"[rank {rank()}] %(name)s: %(message)s")
+        logging.getLogger("spectraqlora").setLevel(logging.INFO)
 
 
 def from_main(compute=None):
@@ -64,7 +66,12 @@ def from_main(compute=None):
         except Exception as exc:
             error = exc
     box = [(result, None if error is None else f"{type(error).__name__}: {error}")]
-    broadcast_object_list(box, from_process=0)
+    try:
+        broadcast_object_list(box, from_process=0)
+    except RuntimeError as exc:  # the main process is gone: its own error says why
+        if is_main():
+            raise
+        raise MainProcessFailed(str(exc)) from None
     if error is not None:
         raise error
     result, failure = box[0]

@@ -39,6 +39,7 @@ def training_arguments(cfg: TrainConfig, run_dir: Path) -> TrainingArguments:
         save_strategy="steps" if save_steps else "no",
         save_steps=save_steps or 500,
         dataloader_pin_memory=torch.cuda.is_available(),
+        use_cpu=not torch.cuda.is_available(),  # and under accelerate launch / torchrun: gloo DDP
         bf16=bf16,
         seed=cfg.seed,
         report_to="none",  # W&B goes through spectraqlora.telemetry, with its own keys
@@ -175,7 +176,7 @@ def throughput(step_times: list[float], tokens: int, args: TrainingArguments) ->
 
 def build_trainer(net, tokenized, tokenizer, cfg: TrainConfig, run_dir: Path,
                   callbacks: list | None = None) -> Trainer:
-    trainer = Trainer(
+    return Trainer(
         model=net,
         args=training_arguments(cfg, run_dir),
         train_dataset=tokenized["train"],
@@ -186,11 +187,6 @@ def build_trainer(net, tokenized, tokenizer, cfg: TrainConfig, run_dir: Path,
         on_nonfinite_loss=cfg.trainer.on_nonfinite_loss,
         callbacks=callbacks,
     )
-    if trainer.is_fsdp_enabled:  # trainable and frozen weights in separate FSDP units (peft's FSDP guide)
-        from peft.utils.other import fsdp_auto_wrap_policy
-
-        trainer.accelerator.state.fsdp_plugin.auto_wrap_policy = fsdp_auto_wrap_policy(trainer.model)
-    return trainer
 
 
 def save_adapter(trainer: Trainer, path: Path) -> None:
@@ -210,12 +206,25 @@ def evaluate(trainer: Trainer, task: Task) -> dict:
     step = trainer.state.global_step
     done = [h for h in trainer.state.log_history if "eval_loss" in h and h.get("step") == step > 0]
     raw = done[-1] if done else trainer.evaluate()
+    if trainer.args.world_size > 1 and trainer.model_wrapped is trainer.model:
+        unmark_prepared(trainer)
     out = {"eval_loss": raw["eval_loss"]}
     if task is Task.classification:
         out["eval_accuracy"] = raw["eval_accuracy"]
     else:
         out["eval_perplexity"] = perplexity(raw["eval_loss"])
     return out
+
+
+def unmark_prepared(trainer: Trainer) -> None:
+    """An evaluation before training has accelerate prepare the model for evaluation, which
+    marks it prepared: train() would then skip the DDP wrap, and each rank would train on its
+    own (transformers 5.24 with accelerate 1.15; the DDP test catches it). Unmarked, train()
+    wraps it."""
+    model = trainer.model
+    if getattr(model, "_is_accelerate_prepared", False):
+        model._is_accelerate_prepared = False
+        trainer.accelerator._models = [m for m in trainer.accelerator._models if m is not model]
 
 
 def perplexity(loss: float) -> float:
