@@ -31,19 +31,19 @@ def states(study):
 
 def test_snr_rank_sweep_scans_once_writes_results_and_resumes(tmp_path):
     args = ["hparams_search=snr_rank", "hydra/sweeper/sampler=random", "hydra.sweeper.sampler.seed=3"]
-    result, sweep_dir = sweep(tmp_path, *args, "hydra.sweeper.n_trials=6")
+    result, sweep_dir = sweep(tmp_path, *args, "hydra.sweeper.n_trials=4")
     assert result.returncode == 0, result.stderr[-3000:]
     study = load(sweep_dir, "snr_rank")
-    assert states(study) == ["COMPLETE"] * 6
+    assert states(study) == ["COMPLETE"] * 4
     assert {"selection.top_frac", "lora.r"} == set(study.trials[0].params)
-    logs = [(sweep_dir / str(n) / "train.log").read_text() for n in range(6)]
+    logs = [(sweep_dir / str(n) / "train.log").read_text() for n in range(4)]
     assert sum("spectrum scan: computed" in log for log in logs) == 1  # one scan for the sweep
-    assert sum("spectrum scan: cached" in log for log in logs) == 5
+    assert sum("spectrum scan: cached" in log for log in logs) == 3
     results = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
     assert results["best_value"] == min(t.value for t in study.trials)
     assert results["best_run_dir"] == str(sweep_dir / str(results["best_trial"]))
     with open(sweep_dir / "trials.csv") as f:
-        assert len(list(csv.DictReader(f))) == 6
+        assert len(list(csv.DictReader(f))) == 4
     for name in ("multirun.yaml", "optimization_history.png", "param_importances.png"):
         assert (sweep_dir / name).is_file(), name
 
@@ -54,15 +54,15 @@ def test_snr_rank_sweep_scans_once_writes_results_and_resumes(tmp_path):
     orphan.set_user_attr("worker_host", socket.gethostname())
     orphan.set_user_attr("worker_pid", int(dead))
 
-    result, _ = sweep(tmp_path, *args, "hydra.sweeper.n_trials=9")
+    result, _ = sweep(tmp_path, *args, "hydra.sweeper.n_trials=6")
     assert result.returncode == 0, result.stderr[-3000:]
     study = load(sweep_dir, "snr_rank")
-    assert len(study.trials) == 9  # n_trials in total, not 9 more
-    assert study.trials[6].state.name == "FAIL" and "died" in study.trials[6].user_attrs["error"]
-    assert {t.state.name for t in study.trials[7:]} <= {"COMPLETE", "PRUNED"}  # median pruner
-    assert all((sweep_dir / str(n) / ".hydra").is_dir() for n in (7, 8))  # jobs numbered on
-    first = [t.params for t in study.trials[:6]]
-    assert all(t.params not in first for t in study.trials[7:])  # the seeded sampler moved on
+    assert len(study.trials) == 6  # n_trials in total, not 6 more
+    assert study.trials[4].state.name == "FAIL" and "died" in study.trials[4].user_attrs["error"]
+    assert study.trials[5].state.name == "COMPLETE"
+    assert (sweep_dir / "5" / ".hydra").is_dir()  # jobs numbered on
+    first = [t.params for t in study.trials[:4]]
+    assert study.trials[5].params not in first  # the seeded sampler moved on
 
 
 def test_failed_and_pruned_trials_are_recorded_and_the_sweep_goes_on(tmp_path):
