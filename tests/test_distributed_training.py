@@ -70,3 +70,21 @@ def test_a_sweep_is_refused_under_accelerate_launch(monkeypatch):
     with pytest.raises(UserError, match="a sweep .* runs one process per trial"):
         check_not_a_sweep(["-m", "hparams_search=snr_rank"])
     check_not_a_sweep(["model=tiny_llama"])
+
+
+def test_the_shipped_accelerate_configs_load():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    from spectraqlora.config import CONF_DIR
+
+    def load(name):
+        return load_config_from_file(f"{CONF_DIR}/accelerate/{name}.yaml")
+
+    assert (load("single_gpu").distributed_type.value, load("single_gpu").num_processes) == ("NO", 1)
+    assert load("ddp").distributed_type.value == "MULTI_GPU"
+    fsdp = load("fsdp_qlora")
+    assert fsdp.distributed_type.value == "FSDP" and fsdp.mixed_precision == "no"
+    # what FSDP-QLoRA needs: frozen 4-bit and trainable weights in separate units, rank 0 loads
+    assert fsdp.fsdp_config["fsdp_use_orig_params"] is False
+    assert fsdp.fsdp_config["fsdp_cpu_ram_efficient_loading"] is True
+    assert fsdp.fsdp_config["fsdp_sync_module_states"] is True
