@@ -33,10 +33,11 @@ def make_storage(url: str):
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
     try:
         return optuna.storages.RDBStorage(url, engine_kwargs=engine)
-    except ModuleNotFoundError as exc:
-        extra = {"psycopg": "postgres", "psycopg2": "postgres"}.get(exc.name)
-        raise UserError(f"hydra.sweeper.storage needs the {exc.name} module: "
-                        + (f'pip install "spectraqlora[{extra}]"' if extra else f"pip install {exc.name}")) from None
+    except ImportError:  # optuna's own message does not name the driver
+        scheme = url.split("://")[0]
+        raise UserError(f"hydra.sweeper.storage: no database driver for {scheme}:// is installed"
+                        + ('; pip install "spectraqlora[postgres]" (psycopg 3, used for postgresql://)'
+                           if scheme.startswith("postgresql") else "")) from None
 
 
 @contextmanager

@@ -20,7 +20,6 @@ from omegaconf import DictConfig
 from spectraqlora import checkpoint, distributed, exports, rundir, telemetry
 from spectraqlora.config import CONF_DIR, RankAllocation, TrainConfig, to_train_config
 from spectraqlora.errors import NonFiniteLoss, OutOfMemory, UserError, exit_on_user_error
-from spectraqlora.scan import scan_and_select
 from spectraqlora.selection import selection_record, snr_ranks
 from spectraqlora.sweep import current_trial
 from spectraqlora.telemetry import RunInfo
@@ -72,6 +71,8 @@ def _start(run_dir: Path, resume: bool) -> tuple[Path | None, dict | None]:
 def select(cfg: TrainConfig, files: list[Path], run_dir: Path):
     """Scan (or read the cache), select, export snr.json and the heatmap; the SNR table, the
     chosen modules, their ranks (rank_allocation=snr) and the heatmap's path."""
+    from spectraqlora.scan import scan_and_select  # torch: not imported before the config is checked
+
     table, chosen = scan_and_select(files, cfg)
     heatmap = exports.write_snr(run_dir, table, chosen, exports.slug(cfg.model.name_or_path))
     log.info("selected %d of %d modules (%s):\n%s", len(chosen), len(table),

@@ -74,7 +74,7 @@ def other_host() -> list[str]:
 
 
 def test_two_workers_share_a_postgresql_study_and_a_killed_workers_trial_fails(tmp_path, postgres):
-    n_trials, study_name = 5, "shared"
+    n_trials, study_name = 4, "shared"
     cmd = [sys.executable, "-m", "spectraqlora.train", "-m", *QUICK, "hparams_search=snr_rank",
            f"hydra.sweeper.storage={postgres}", f"hydra.sweeper.study_name={study_name}",
            f"hydra.sweeper.n_trials={n_trials}", "hydra.sweeper.heartbeat_interval=1",
@@ -145,21 +145,3 @@ def test_the_slurm_launcher_config_composes_for_submitit():
     assert launcher.submitit_folder == f"{cfg.hydra.sweep.dir}/.submitit/%j"  # in the sweep dir
     assert cfg.hydra.sweeper.n_jobs == 16
 
-
-def test_a_remote_launcher_gets_n_jobs_trials_as_one_array(tmp_path):
-    """submitit's local executor stands in for SLURM: the same launcher code, jobs as local
-    processes; the sweeper hands it n_jobs trials per launch."""
-    result = subprocess.run(
-        [sys.executable, "-m", "spectraqlora.train", "-m", *QUICK, "hparams_search=snr_rank",
-         "hydra/launcher=submitit_local", "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2",
-         f"hydra.sweep.dir={tmp_path / 'sweep'}", f"scan.cache_dir={tmp_path / 'scan'}"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
-        env={**os.environ, "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1"})
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-3000:]
-    assert output.count("Submitit 'local' sweep output dir") == 1  # one launch, both trials
-    study = optuna.load_study(study_name="snr_rank", storage=f"sqlite:///{tmp_path / 'sweep' / 'optuna.db'}")
-    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
-    for t in study.trials:  # job n ran as trial n, in its own run dir
-        assert t.user_attrs["run_dir"] == str(tmp_path / "sweep" / str(t.number))
-        assert (tmp_path / "sweep" / str(t.number) / "metrics.json").is_file()

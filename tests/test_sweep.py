@@ -65,15 +65,21 @@ def test_snr_rank_sweep_scans_once_writes_results_and_resumes(tmp_path):
     assert study.trials[5].params not in first  # the seeded sampler moved on
 
 
-def test_failed_and_pruned_trials_are_recorded_and_the_sweep_goes_on(tmp_path):
+def test_failed_and_pruned_trials_of_a_job_array_are_recorded_and_the_sweep_goes_on(tmp_path):
+    """Through a remote launcher (submitit's local executor stands in for SLURM: the same
+    launcher code, jobs as local processes): n_jobs trials per launch, one job array, and the
+    trials' errors and pruning come back across processes."""
     result, sweep_dir = sweep(
         tmp_path, "hydra/sweeper=spectraqlora_optuna", "hydra/sweeper/sampler=grid",
         "hydra/sweeper/pruner=threshold", "hydra.sweeper.pruner.upper=10.1",
-        "hydra.sweeper.n_trials=4", "lora.r=choice(0,8)", "trainer.learning_rate=choice(1e-7,1e-2)")
+        "hydra/launcher=submitit_local", "hydra.sweeper.n_jobs=2", "hydra.sweeper.n_trials=4",
+        "lora.r=choice(0,8)", "trainer.learning_rate=choice(1e-7,1e-2)", env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
+    assert (result.stdout + result.stderr).count("Submitit 'local' sweep output dir") == 2  # 2 x 2
     study = load(sweep_dir, "spectraqlora")
     assert states(study) == ["COMPLETE", "FAIL", "FAIL", "PRUNED"]
     for t in study.trials:
+        assert t.user_attrs["run_dir"] == str(sweep_dir / str(t.number))  # job n = trial n
         if t.state.name == "FAIL":
             assert t.params["lora.r"] == 0
             assert "lora.r=0 is out of range" in t.user_attrs["error"]

@@ -227,6 +227,12 @@ class SweeperImpl:
 
     def _record(self, study: optuna.Study, trial: optuna.Trial, ret) -> None:
         run_dir = ret.hydra_cfg.hydra.runtime.output_dir if ret.hydra_cfg else None
+        told = self.storage_obj.get_trial(trial._trial_id)
+        if told.state.is_finished():  # marked FAIL by a worker that missed our heartbeats
+            log.warning("trial %d was marked %s by another worker while it ran (%s); its run dir "
+                        "%s keeps what it wrote", trial.number, told.state.name,
+                        told.user_attrs.get("error"), run_dir)
+            return
         if run_dir:
             trial.set_user_attr("run_dir", str(run_dir))
         if ret.status is not JobStatus.COMPLETED:
@@ -259,18 +265,12 @@ class SweeperImpl:
     def _tell(self, study: optuna.Study, trial, values=None, state=None) -> None:
         """study.tell; a grid sampler that has run its whole grid calls Study.stop, which only
         works inside Study.optimize: the trial is recorded all the same, and the sweep ends."""
-        number = trial if isinstance(trial, int) else trial.number
         try:
-            told = study.tell(trial, values, state=state, skip_if_finished=True)
+            study.tell(trial, values, state=state, skip_if_finished=True)
         except RuntimeError as exc:
             if "Study.stop" not in str(exc):
                 raise
             self.exhausted = True
-            return
-        if (state or State.COMPLETE) is not told.state:  # FAILed by another worker meanwhile
-            log.warning("trial %d had been marked %s by another worker (%s); not recorded as %s",
-                        number, told.state.name, told.user_attrs.get("error"),
-                        (state or State.COMPLETE).name)
 
     def _fail(self, study: optuna.Study, trial: optuna.Trial, error: str) -> None:
         trial.set_user_attr("error", error)
