@@ -86,5 +86,5 @@ def check_not_a_sweep(argv: list[str]) -> None:
     if not is_main():
         raise SystemExit(1)  # the main process says why
     raise UserError("a sweep (-m) runs one process per trial: start it without accelerate "
-                        "launch / torchrun (hydra.sweeper.n_jobs, or hydra/launcher=slurm, spreads "
-                        "trials over GPUs)")
+                    "launch / torchrun (hydra.sweeper.n_jobs, or hydra/launcher=slurm, spreads "
+                    "trials over GPUs)")
