@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import contextmanager
 
 from spectraqlora.errors import UserError
 
@@ -49,6 +50,19 @@ def start() -> None:
     if not is_main():
         logging.basicConfig(level=logging.WARNING, format=f"[rank {rank()}] %(name)s: %(message)s")
         logging.getLogger("spectraqlora").setLevel(logging.INFO)
+
+
+@contextmanager
+def main_first():
+    """The main process of each machine first (it downloads or builds what is missing), then the
+    others (they find it in the cache), so that no two processes write the same files."""
+    if not launched():
+        yield
+        return
+    from accelerate import PartialState
+
+    with PartialState().local_main_process_first():
+        yield
 
 
 def from_main(compute=None):

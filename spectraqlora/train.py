@@ -86,16 +86,17 @@ def select(cfg: TrainConfig, files: list[Path], run_dir: Path):
 
 def _run(cfg: TrainConfig, run_dir: Path, resume_from: Path | None, info: RunInfo) -> dict:
     telemetry.configure_progress(telemetry.show_progress(cfg.logger))
-    path = checkpoint.resolve(cfg.model)  # first: a missing model fails before heavy imports
-    files = checkpoint.safetensors_files(path)
-    from transformers import set_seed
+    with distributed.main_first():  # downloads (or the random-init build) once per machine
+        path = checkpoint.resolve(cfg.model)  # first: a missing model fails before heavy imports
+        files = checkpoint.safetensors_files(path)
+        from transformers import set_seed
 
-    from spectraqlora import data, modeling, training
+        from spectraqlora import data, modeling, training
 
-    modeling.check_quant_support(cfg.quant)
-    set_seed(cfg.seed)
-    tokenizer = modeling.load_tokenizer(path, cfg.model)
-    raw = data.load(cfg.dataset, cfg.model.task, cfg.seed)
+        modeling.check_quant_support(cfg.quant)
+        set_seed(cfg.seed)
+        tokenizer = modeling.load_tokenizer(path, cfg.model)
+        raw = data.load(cfg.dataset, cfg.model.task, cfg.seed)
 
     table, chosen, ranks, heatmap = distributed.from_main(lambda: select(cfg, files, run_dir))
     if distributed.launched():

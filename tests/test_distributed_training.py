@@ -24,9 +24,9 @@ def test_accelerate_launch_two_processes_trains_like_one(tmp_path):
     result = subprocess.run(
         [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
          "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "spectraqlora.train", *SMOKE,
-         "trainer.per_device_train_batch_size=4", scan, f"hydra.run.dir={run_dir}"],
+         "trainer.per_device_train_batch_size=4", scan, f"hydra.run.dir={run_dir}", "logger=wandb"],
         cwd=tmp_path, capture_output=True, text=True, timeout=600,
-        env={**os.environ, "HYDRA_FULL_ERROR": "0"})
+        env={**os.environ, "HYDRA_FULL_ERROR": "0", "WANDB_MODE": "offline"})
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
 
@@ -36,6 +36,7 @@ def test_accelerate_launch_two_processes_trains_like_one(tmp_path):
     # the run dir is written once, by the main process
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp", "scan"]
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    assert len(list(run_dir.glob("wandb/offline-run-*"))) == 1  # one W&B run, the main process's
     logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train_steps = [row["step"] for row in logged if "train/loss" in row]
     assert train_steps == [5, 10]  # each step logged once, not once per rank
