@@ -206,8 +206,7 @@ def evaluate(trainer: Trainer, task: Task) -> dict:
     step = trainer.state.global_step
     done = [h for h in trainer.state.log_history if "eval_loss" in h and h.get("step") == step > 0]
     raw = done[-1] if done else trainer.evaluate()
-    if trainer.args.world_size > 1 and trainer.model_wrapped is trainer.model:
-        unmark_prepared(trainer)
+    unmark_prepared(trainer)
     out = {"eval_loss": raw["eval_loss"]}
     if task is Task.classification:
         out["eval_accuracy"] = raw["eval_accuracy"]
@@ -217,12 +216,13 @@ def evaluate(trainer: Trainer, task: Task) -> dict:
 
 
 def unmark_prepared(trainer: Trainer) -> None:
-    """An evaluation before training has accelerate prepare the model for evaluation, which
-    marks it prepared: train() would then skip the DDP wrap, and each rank would train on its
-    own (transformers 5.24 with accelerate 1.15; the DDP test catches it). Unmarked, train()
-    wraps it."""
+    """Under DDP, an evaluation before training has accelerate prepare the model for evaluation,
+    which marks it prepared: train() would then skip the DDP wrap, and each rank would train on
+    its own (transformers 5.24 with accelerate 1.15; the DDP test catches it). Unmarked, train()
+    wraps it. (FSDP's evaluation wraps the model for good: left alone.)"""
     model = trainer.model
-    if getattr(model, "_is_accelerate_prepared", False):
+    ddp_to_come = trainer.args.world_size > 1 and not trainer.is_fsdp_enabled and trainer.model_wrapped is model
+    if ddp_to_come and getattr(model, "_is_accelerate_prepared", False):
         model._is_accelerate_prepared = False
         trainer.accelerator._models = [m for m in trainer.accelerator._models if m is not model]
 
