@@ -2,7 +2,8 @@
 
 The main process (rank 0) composes the config with Hydra, scans (or reads the scan cache),
 selects, writes the run dir and logs to W&B; the other ranks take the config, the run dir and
-the selection from it, train their share of each batch, and write nothing of their own.
+the selection from it and train their share of each batch; all they write is their RNG
+state in the Trainer's checkpoints (rng_state_<rank>.pth, for resuming).
 """
 from __future__ import annotations
 

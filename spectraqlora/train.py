@@ -5,6 +5,7 @@ Returns the final eval loss so any Hydra sweeper can minimize it. Under `acceler
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import shutil
@@ -170,8 +171,6 @@ def resources() -> dict:
 
 def selection_digest(chosen: list[str]) -> str:
     """A short fingerprint of a selection: equal on every rank that trains the same modules."""
-    import hashlib
-
     return hashlib.sha256("\n".join(chosen).encode()).hexdigest()[:12]
 
 
