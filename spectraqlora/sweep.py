@@ -23,7 +23,8 @@ def storage_url(storage: str | None, sweep_dir) -> str:
 def make_storage(url: str):
     """An RDB storage for SQLAlchemy URLs (sqlite, postgresql+psycopg, mysql), or a
     JournalStorage file for `journal:///path` (clusters with a shared file system and no
-    database server)."""
+    database server). Building an RDB storage creates Optuna's schema in a new database, which
+    workers started together would race to do (optuna issue #1092): it is built under a lock."""
     import optuna
 
     if url.startswith("journal://"):
@@ -32,7 +33,8 @@ def make_storage(url: str):
         return optuna.storages.JournalStorage(JournalFileBackend(url.removeprefix("journal://")))
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine)
+        with named_lock(url, "optuna-schema"):
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine)
     except ImportError:  # optuna's own message does not name the driver
         scheme = url.split("://")[0]
         raise UserError(f"hydra.sweeper.storage: no database driver for {scheme}:// is installed"
@@ -40,35 +42,40 @@ def make_storage(url: str):
                            if scheme.startswith("postgresql") else "")) from None
 
 
-@contextmanager
 def study_lock(url: str, study_name: str):
     """Held by a sweep worker while it counts the study's trials and asks for new ones, so that
-    workers on many machines start exactly n_trials between them. A PostgreSQL advisory lock
+    workers on many machines start exactly n_trials between them."""
+    return named_lock(url, study_name)
+
+
+@contextmanager
+def named_lock(url: str, name: str):
+    """A lock shared by every process using the storage at `url`: a PostgreSQL advisory lock
     (MySQL: GET_LOCK) on a connection of its own, which the server drops with its process; for
-    SQLite and journal files, a lock file beside them (NFS-safe, broken after 30 s by others
-    if its holder died)."""
+    SQLite and journal files, a lock file beside them (NFS-safe, broken after 30 s by others if
+    its holder died)."""
     if url.startswith(("postgresql", "mysql")):
         from sqlalchemy import create_engine, pool, text
 
-        name = f"spectraqlora:{study_name}"
+        key = f"spectraqlora:{name}"
         lock, unlock = (("SELECT pg_advisory_lock(hashtext(:n))", "SELECT pg_advisory_unlock(hashtext(:n))")
                         if url.startswith("postgresql") else
                         ("SELECT GET_LOCK(:n, -1)", "SELECT RELEASE_LOCK(:n)"))
         engine = create_engine(url, poolclass=pool.NullPool)
         try:
             with engine.connect() as conn:
-                conn.execute(text(lock), {"n": name})
+                conn.execute(text(lock), {"n": key})
                 try:
                     yield
                 finally:
-                    conn.execute(text(unlock), {"n": name})
+                    conn.execute(text(unlock), {"n": key})
         finally:
             engine.dispose()
         return
     from optuna.storages.journal import JournalFileOpenLock
 
     path = url.removeprefix("journal://") if url.startswith("journal://") else url.removeprefix("sqlite:///")
-    lock = JournalFileOpenLock(f"{path}.{study_name}")
+    lock = JournalFileOpenLock(f"{path}.{name}")
     lock.acquire()
     try:
         yield

@@ -4,8 +4,9 @@ Any number of workers, on any machines, share one study: each asks for its next 
 study-wide lock, so that they start exactly n_trials between them. Job number = trial number,
 so `<sweep dir>/<n>/` is trial n across resumes and workers. A trial that fails, gives NaN or
 runs out of memory is recorded FAIL with its error and the sweep goes on; a trial whose worker
-died is FAIL once its heartbeat is older than the grace period. Results files are rewritten
-(atomically) after every trial; the worker that ends the study writes the W&B summary.
+died is FAIL once its heartbeat is older than the grace period, and no worker leaves while a
+trial is RUNNING. Results files are rewritten (atomically) after every trial; the worker that
+ends the study writes the W&B summary.
 """
 from __future__ import annotations
 
@@ -177,7 +178,7 @@ class SweeperImpl:
             for worker in workers:
                 if worker.wait() != 0:
                     log.warning("sweep worker pid %d exited with %d", worker.pid, worker.returncode)
-        self._wait_for_silent_trials(study)
+        self._wait_for_running_trials(study)
         self._write_results(study, final=True)
         if stop := self._failure_stop(study):
             raise UserError(stop)
@@ -346,22 +347,23 @@ class SweeperImpl:
             self._tell(study, t.number, state=State.FAIL)
             log.warning("trial %d FAIL: %s", t.number, error)
 
-    def _wait_for_silent_trials(self, study: optuna.Study) -> None:
-        """Before leaving, wait while a trial of another worker has missed its heartbeats, until
-        it is FAIL or beats again: a worker killed late in the study must not leave its trial
-        RUNNING for good. Trials that beat are their own workers' to finish."""
+    def _wait_for_running_trials(self, study: optuna.Study) -> None:
+        """Before leaving, wait until no trial is RUNNING: each one finishes in its own worker
+        or, once its heartbeat is older than the grace period, is FAIL here. Leaving earlier,
+        whatever the age of a running trial, could leave it RUNNING for good if its worker has
+        just died."""
+        shown = None
         while True:
             with self._lock():
                 self._fail_dead_trials(study)
-            running = study.get_trials(deepcopy=False, states=(State.RUNNING,))
-            silent = [t.number for t in running if _silence(t) > 1.5 * self.heartbeat_interval]
-            if not silent:
-                if running:
-                    log.info("trials %s run on in other workers", [t.number for t in running])
+            running = [t.number for t in study.get_trials(deepcopy=False, states=(State.RUNNING,))]
+            if not running:
                 return
-            log.info("waiting for trials %s: no heartbeat for a while (FAIL after %d s)",
-                     silent, self.grace_period)
-            time.sleep(self.heartbeat_interval)
+            if running != shown:
+                log.info("waiting for trials %s of other workers to finish (FAIL after %d s "
+                         "without a heartbeat)", running, self.grace_period)
+                shown = running
+            time.sleep(min(self.heartbeat_interval, 5))
 
     def _spawn_workers(self) -> list[subprocess.Popen]:
         """n_jobs > 1: n_jobs - 1 more workers of this same command on this machine, sharing the
