@@ -26,6 +26,16 @@ def resolve(model: ModelConfig, patterns: list[str] = HUB_PATTERNS) -> Path:
     return _download(model.name_or_path, model.revision, patterns)
 
 
+def num_layers(path: Path) -> int | None:
+    """The number of transformer layers its config.json names, when it names one."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    config = config.get("text_config", config)
+    return next((config[k] for k in ("num_hidden_layers", "n_layer", "num_layers") if k in config), None)
+
+
 def _download(repo_id: str, revision: str | None, patterns: list[str]) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError

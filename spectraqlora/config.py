@@ -6,9 +6,12 @@ its defaults list), so a misspelt key or a wrong type is refused by Hydra while 
 """
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import enum
 import importlib
 import os
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -72,6 +75,9 @@ class DatasetConfig:
     path: str = "synthetic"
     text_column: str = "text"
     label_column: str = "label"
+    # Classification: the classes, in id order; a row with any other label is refused. null:
+    # the distinct labels of the training split (numeric spellings such as 1 and 1.0 are one).
+    label_names: Optional[List[str]] = None
     prompt_column: str = "prompt"
     response_column: str = "response"
     # For causal LMs: builds the prompt from a row (str.format over its columns) when set.
@@ -234,6 +240,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if snr_ranks and not cfg.lora.r_min <= cfg.lora.r <= cfg.lora.r_max:
         raise UserError(f"lora.r_min={cfg.lora.r_min}, lora.r={cfg.lora.r}, lora.r_max="
                         f"{cfg.lora.r_max}: expected r_min <= r <= r_max")
+    if cfg.selection.layers is not None and cfg.selection.last_k is not None:
+        raise UserError(f"selection.layers={cfg.selection.layers} and selection.last_k="
+                        f"{cfg.selection.last_k}: give one of them, not both")
+    if cfg.selection.layers is not None and not cfg.selection.layers:
+        raise UserError("selection.layers=[] names no layer: give layer indices, or null")
     if cfg.selection.strategy is Strategy.none and not cfg.model.head_modules:
         raise UserError("selection=none trains only model.head_modules, and this model has none")
     if cfg.dataset.packing and cfg.model.task is not Task.causal_lm:
@@ -243,8 +254,37 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
+# Names users bring from peft, transformers or other tools -> ours.
+_ALIASES = {"rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
+            "lr": "learning_rate", "batch_size": "per_device_train_batch_size",
+            "epochs": "num_train_epochs", "steps": "max_steps", "warmup": "warmup_steps",
+            "model_name": "name_or_path", "model_name_or_path": "name_or_path", "name": "name_or_path"}
+
+
+def unknown_keys(node: DictConfig, schema=TrainConfig, prefix: str = "") -> list[tuple[str, str]]:
+    """(key, nearest valid key) for every key of the composed config that the schema lacks:
+    Hydra refuses `lora.rank=16` while composing, but `+lora.rank=16` and `++...` add it."""
+    hints = typing.get_type_hints(schema)
+    found = []
+    for key in node.keys():
+        if key not in hints:
+            valid = list(hints)
+            near = _ALIASES.get(key) if _ALIASES.get(key) in hints else None
+            near = near or next(iter(difflib.get_close_matches(key, valid, n=1, cutoff=0.5)), None)
+            found.append((prefix + key, prefix + near if near else ""))
+        elif dataclasses.is_dataclass(hints[key]) and isinstance(node[key], DictConfig):
+            found += unknown_keys(node[key], hints[key], f"{prefix}{key}.")
+    return found
+
+
 def to_train_config(cfg: DictConfig) -> TrainConfig:
     """The composed Hydra config as typed, resolved, validated dataclasses."""
+    if unknown := unknown_keys(cfg):
+        key, near = unknown[0]
+        group, _, _ = key.rpartition(".")
+        known = [f.name for f in dataclasses.fields(_schema_at(group))]
+        raise UserError(f"unknown key {key}" + (f": did you mean {near}?" if near else "")
+                        + f" (the keys of {group or 'the top level'} are: {', '.join(known)})")
     try:
         typed = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg))
     except UserError:
@@ -252,6 +292,13 @@ def to_train_config(cfg: DictConfig) -> TrainConfig:
     except Exception as exc:  # omegaconf's errors carry the key; keep their first line
         raise UserError(str(exc).splitlines()[0]) from exc
     return validate(typed)
+
+
+def _schema_at(path: str):
+    schema = TrainConfig
+    for part in filter(None, path.split(".")):
+        schema = typing.get_type_hints(schema)[part]
+    return schema
 
 
 def load_run_config(run_dir: Path) -> TrainConfig:

@@ -7,13 +7,17 @@ them into model inputs: `input_ids`, `attention_mask` and `labels` (a class id, 
 from __future__ import annotations
 
 import itertools
+import logging
 import random
+from collections import Counter
 from pathlib import Path
 
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 
 from spectraqlora.config import DatasetConfig, Task
 from spectraqlora.errors import UserError
+
+log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 LABEL_NAMES = ("negative", "positive")
@@ -87,6 +91,8 @@ def load(cfg: DatasetConfig, task: Task, seed: int) -> DatasetDict:
     else:
         data = _load_source(cfg, seed)
     _check_columns(data, cfg, task)
+    if task is Task.classification:
+        _check_labels(data, cfg)
     return data
 
 
@@ -148,12 +154,79 @@ def _check_columns(data: DatasetDict, cfg: DatasetConfig, task: Task) -> None:
                         f"{', '.join(columns)}")
 
 
+def label_key(value) -> str:
+    """A label as the class it names: stripped text, and one spelling per number (1, 1.0 and
+    " 1" are all "1"); "" for a missing label."""
+    text = "" if value is None else str(value).strip()
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    return str(int(number)) if number.is_integer() else str(number)
+
+
+def _numeric_first(key: str):
+    try:
+        return (0, float(key), "")
+    except ValueError:
+        return (1, 0.0, key)
+
+
 def label_names(data: DatasetDict, cfg: DatasetConfig) -> list[str]:
-    """Class names: the ClassLabel's names, else the sorted distinct values."""
+    """Class names in id order: dataset.label_names, else the ClassLabel's names, else the
+    distinct labels of the training split (numbers in numeric order)."""
     feature = data["train"].features[cfg.label_column]
     if isinstance(feature, ClassLabel):
         return list(feature.names)
-    return sorted({str(v) for v in data["train"][cfg.label_column]})
+    if cfg.label_names is not None:
+        return [label_key(n) for n in cfg.label_names]
+    return sorted({label_key(v) for v in data["train"][cfg.label_column]}, key=_numeric_first)
+
+
+def _label_counts(rows: Dataset, cfg: DatasetConfig) -> Counter:
+    feature = rows.features[cfg.label_column]
+    if isinstance(feature, ClassLabel):
+        return Counter(feature.names[i] for i in rows[cfg.label_column])
+    return Counter(label_key(v) for v in rows[cfg.label_column])
+
+
+def _check_labels(data: DatasetDict, cfg: DatasetConfig) -> None:
+    """Refuse labels a classifier cannot learn from or be judged on, with the counts; log the
+    label set per split."""
+    column = f"dataset.label_column={cfg.label_column}"
+    feature = data["train"].features[cfg.label_column]
+    if cfg.label_names is not None and isinstance(feature, ClassLabel) and \
+            [label_key(n) for n in cfg.label_names] != list(feature.names):
+        raise UserError(f"dataset.label_names={list(cfg.label_names)} but the dataset names its "
+                        f"classes {feature.names}: drop dataset.label_names or match them")
+    counts = {split: _label_counts(rows, cfg) for split, rows in data.items()}
+    names = label_names(data, cfg)
+    for split, count in counts.items():
+        if count[""]:
+            raise UserError(f"{column}: {count['']} of {sum(count.values())} {split} rows have "
+                            f"an empty label; drop or label them")
+    if cfg.label_names is not None:
+        for split, count in counts.items():
+            if outside := sorted(set(count) - set(names)):
+                examples = ", ".join(f"{k!r} ({count[k]} rows)" for k in outside[:5])
+                raise UserError(f"{column}: {split} labels outside dataset.label_names="
+                                f"{list(cfg.label_names)}: {examples}")
+    if len(counts["train"]) < 2:
+        raise UserError(f"{column}: the training split has a single class "
+                        f"({_format_counts(counts['train'])}): a classifier learns nothing from it "
+                        f"and scores 1.0 on it; check the column, dataset.train_split and "
+                        f"dataset.train_size")
+    if unseen := sorted(set(counts["eval"]) - set(counts["train"])):
+        raise UserError(f"{column}: eval labels never seen in training: "
+                        f"{_format_counts(Counter({k: counts['eval'][k] for k in unseen}))}; "
+                        f"training has {_format_counts(counts['train'])}")
+    log.info("data: %s; labels (train / eval): %s",
+             ", ".join(f"{split} {len(rows)} rows" for split, rows in data.items()),
+             ", ".join(f"{n} {counts['train'][n]} / {counts['eval'][n]}" for n in names))
+
+
+def _format_counts(count: Counter) -> str:
+    return ", ".join(f"{k!r}: {n} rows" for k, n in sorted(count.items()))
 
 
 def num_labels(data: DatasetDict, cfg: DatasetConfig, task: Task) -> int | None:
@@ -170,7 +243,7 @@ def tokenize(data: DatasetDict, tokenizer, cfg: DatasetConfig, task: Task) -> Da
 
         def encode(row):
             enc = tokenizer(row[cfg.text_column], truncation=True, max_length=cfg.max_length)
-            enc["labels"] = row[cfg.label_column] if numeric else as_id[str(row[cfg.label_column])]
+            enc["labels"] = row[cfg.label_column] if numeric else as_id[label_key(row[cfg.label_column])]
             return enc
     else:
 
@@ -182,9 +255,31 @@ def tokenize(data: DatasetDict, tokenizer, cfg: DatasetConfig, task: Task) -> Da
         split: rows.map(encode, remove_columns=rows.column_names, desc=f"tokenize {split}")
         for split, rows in data.items()
     })
+    if task is Task.causal_lm:
+        out = _keep_rows_with_response(out, cfg)
     if cfg.packing:  # train only: eval rows stay whole, so eval loss compares across settings
         out["train"] = pack(out["train"], cfg.max_length)
     return out
+
+
+def _keep_rows_with_response(data: DatasetDict, cfg: DatasetConfig) -> DatasetDict:
+    """Causal LMs: drop rows that truncation to dataset.max_length left without a response token
+    (nothing to learn, and a NaN loss for a batch of them); refuse when a split keeps none."""
+    kept = {}
+    for split, rows in data.items():
+        has_response = [any(t != IGNORE_INDEX for t in labels) for labels in rows["labels"]]
+        if not any(has_response):
+            longest = max(len(labels) for labels in rows["labels"]) if len(rows) else 0
+            raise UserError(f"dataset.max_length={cfg.max_length} leaves no response token in any "
+                            f"of the {len(rows)} {split} rows (the prompt fills all {longest} "
+                            f"tokens): raise dataset.max_length")
+        kept[split] = rows if all(has_response) else rows.select(
+            [i for i, keep in enumerate(has_response) if keep])
+    log.info("data: %s keep response tokens after truncation to dataset.max_length=%d%s",
+             ", ".join(f"{split} {len(kept[split])} of {len(rows)} rows" for split, rows in data.items()),
+             cfg.max_length, "" if all(len(kept[s]) == len(data[s]) for s in data) else
+             " (the others are dropped)")
+    return DatasetDict(kept)
 
 
 def pack(rows: Dataset, block: int) -> Dataset:

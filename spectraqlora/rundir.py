@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -14,6 +16,11 @@ SELECTION = "selection.json"
 METRICS = "metrics.json"  # written last: its presence means the run finished
 ADAPTER = "adapter"
 CHECKPOINTS = "checkpoints"  # Trainer checkpoints: adapter + optimizer, scheduler, RNG; no base
+LOCK = ".run.lock"  # flock'ed by the process that runs in the dir
+# What a run writes before it trains: a run refused by then holds nothing more.
+BEFORE_TRAINING = {".hydra", "train.log", "evaluate.log", LOCK, SNR, "snr_heatmap.png"}
+
+_held: dict[Path, int] = {}  # run dir -> fd of its lock, in this process
 
 
 def write_text(path: Path, text: str) -> None:
@@ -66,3 +73,54 @@ def resume_point(run_dir: Path, resume: bool) -> Path | None:
         raise UserError(f"{run_dir} already holds {held}: add trainer.resume=true to continue it, "
                         f"or choose another hydra.run.dir")
     return last
+
+
+def claim(run_dir: Path) -> None:
+    """Lock the run dir for this process's run, or refuse: two runs in one dir would interleave
+    their files. An flock on LOCK: the OS drops it on any exit, a crash included, so it never
+    goes stale. Released by `release`."""
+    import fcntl
+
+    run_dir = Path(run_dir).resolve()
+    if run_dir in _held:
+        return
+    fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise UserError(f"{run_dir} is in use by another run ({holder}): wait for it to end, or "
+                        f"choose another hydra.run.dir") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+    _held[run_dir] = fd
+
+
+def release(run_dir: Path) -> None:
+    fd = _held.pop(Path(run_dir).resolve(), None)
+    if fd is not None:
+        os.close(fd)
+
+
+def discard_if_untrained(run_dir: Path) -> bool:
+    """Remove a run dir that a refused command left with nothing but what comes before training
+    (Hydra's .hydra/ and log, the SNR table), unless another run holds it; also Hydra's
+    outputs/<date>/ folders when that leaves them empty. True when removed."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir() or not {p.name for p in run_dir.iterdir()} <= BEFORE_TRAINING:
+        return False
+    try:
+        claim(run_dir)
+    except UserError:
+        return False
+    release(run_dir)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    for folder in (run_dir.parent, run_dir.parent.parent):  # Hydra's outputs/<date>/, if empty
+        if folder.name != "outputs" and not re.fullmatch(r"\d{4}-\d{2}-\d{2}", folder.name):
+            break
+        try:
+            folder.rmdir()
+        except OSError:  # not empty
+            break
+    return True

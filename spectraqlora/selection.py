@@ -57,24 +57,28 @@ def random(table: dict[str, dict], top_frac: float, seed: int, min_per_type: int
             for name in rng.sample(names, keep_count(len(names), top_frac, min_per_type))]
 
 
+def check_layers(indices: list[int] | None, last_k: int | None, n: int) -> None:
+    """selection.layers / last_k against a model of n layers (before the model loads, when its
+    config names n; again against the scanned layers)."""
+    if last_k is not None and last_k > n:
+        raise UserError(f"selection.last_k={last_k} but the model has {n} layers")
+    bad = [i for i in indices or [] if not -n <= i < n]
+    if bad:
+        raise UserError(f"selection.layers: {bad} out of range; this model has layers "
+                        f"0..{n - 1} (or -{n}..-1 from the end)")
+
+
 def layers(table: dict[str, dict], indices: list[int] | None, last_k: int | None,
            top_frac: float = 1.0) -> list[str]:
-    """Every candidate of the given layers (negative indices count from the end), of the last
-    k, or, with neither, of the last floor(n x top_frac) layers (at least one): the same number
-    of modules per type as spectrum keeps at that top_frac."""
+    """Every candidate of exactly the given layers (negative indices count from the end), of
+    the last k, or, with neither, of the last floor(n x top_frac) layers (at least one): the
+    same number of modules per type as spectrum keeps at that top_frac."""
     present = sorted({row["layer"] for row in table.values()})
     n = len(present)
-    if indices is None and last_k is None:
-        last_k = keep_count(n, top_frac, 1)
-    if last_k is not None:
-        if last_k > n:
-            raise UserError(f"selection.last_k={last_k} but the model has {n} layers")
-        wanted = set(present[-last_k:])
+    check_layers(indices, last_k, n)
+    if indices is None:
+        wanted = set(present[-(last_k or keep_count(n, top_frac, 1)):])
     else:
-        bad = [i for i in indices if not -n <= i < n]
-        if bad:
-            raise UserError(f"selection.layers: {bad} out of range; this model has layers "
-                            f"0..{n - 1} (or -{n}..-1 from the end)")
         wanted = {present[i] for i in indices}
     return [name for name, row in table.items() if row["layer"] in wanted]
 
@@ -127,6 +131,20 @@ def selection_record(cfg: SelectionConfig, chosen: list[str], **extra) -> dict:
     """selection.json: the strategy, its knobs and the chosen checkpoint module names."""
     return {"strategy": cfg.strategy.value, "top_frac": cfg.top_frac,
             "min_per_type": cfg.min_per_type, "modules": chosen, **extra}
+
+
+def check_ranks_fit(table: dict[str, dict], chosen: list[str], r: int,
+                    ranks: dict[str, int] | None = None) -> None:
+    """A LoRA rank above the smaller side of its matrix adds parameters, not capacity: refused,
+    naming the module and its shape."""
+    for name in chosen:
+        rank, shape = (ranks or {}).get(name, r), table[name]["shape"]
+        if rank > min(shape):
+            key = "lora.r_max (rank_allocation=snr gave it)" if ranks else "lora.r"
+            fits = min(min(table[n]["shape"]) for n in chosen)
+            raise UserError(f"{key}: rank {rank} is larger than the smaller dimension of {name} "
+                            f"(shape {shape[0]}x{shape[1]}); use lora.r<={fits}"
+                            + (f" and lora.r_max<={fits}" if ranks else ""))
 
 
 def lora_params(shape: list[int], r: int) -> int:

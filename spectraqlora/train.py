@@ -19,9 +19,9 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from spectraqlora import checkpoint, distributed, exports, rundir, telemetry
-from spectraqlora.config import CONF_DIR, RankAllocation, TrainConfig, to_train_config
+from spectraqlora.config import CONF_DIR, RankAllocation, Strategy, TrainConfig, to_train_config
 from spectraqlora.errors import NonFiniteLoss, OutOfMemory, UserError, exit_on_user_error
-from spectraqlora.selection import selection_record, snr_ranks
+from spectraqlora.selection import check_layers, check_ranks_fit, selection_record, snr_ranks
 from spectraqlora.sweep import current_trial
 from spectraqlora.telemetry import RunInfo
 
@@ -34,10 +34,10 @@ def run(cfg: TrainConfig, run_dir: Path, info: RunInfo | None = None) -> dict:
     Out of memory becomes an OutOfMemory error that names the configuration, after the memory
     is given back, so that the next trial of a sweep in this process starts clean.
     """
-    resume_from, finished = distributed.from_main(lambda: _start(run_dir, cfg.trainer.resume))
-    if finished:
-        return finished
     try:
+        resume_from, finished = distributed.from_main(lambda: _start(run_dir, cfg.trainer.resume))
+        if finished:
+            return finished
         return _run(cfg, run_dir, resume_from, info or RunInfo())
     except UserError:
         raise
@@ -47,6 +47,8 @@ def run(cfg: TrainConfig, run_dir: Path, info: RunInfo | None = None) -> dict:
         if not is_out_of_memory(exc):
             raise
         cause = str(exc).splitlines()[0]
+    finally:
+        rundir.release(run_dir)
     from spectraqlora.training import release_accelerator_memory
 
     release_accelerator_memory()  # the failed run's frames are gone by now
@@ -60,8 +62,10 @@ def run(cfg: TrainConfig, run_dir: Path, info: RunInfo | None = None) -> dict:
 
 
 def _start(run_dir: Path, resume: bool) -> tuple[Path | None, dict | None]:
-    """The checkpoint to resume from, and the metrics of a run that has finished already."""
+    """The checkpoint to resume from, and the metrics of a run that has finished already; the
+    run dir is this process's until the run ends."""
     run_dir.mkdir(parents=True, exist_ok=True)
+    rundir.claim(run_dir)
     resume_from = rundir.resume_point(run_dir, resume)
     if (run_dir / rundir.METRICS).exists():
         log.info("%s has finished already: nothing to resume", run_dir)
@@ -75,13 +79,14 @@ def select(cfg: TrainConfig, files: list[Path], run_dir: Path):
     from spectraqlora.scan import scan_and_select  # torch: not imported before the config is checked
 
     table, chosen = scan_and_select(files, cfg)
-    heatmap = exports.write_snr(run_dir, table, chosen, exports.slug(cfg.model.name_or_path))
     log.info("selected %d of %d modules (%s):\n%s", len(chosen), len(table),
              cfg.selection.strategy.value, format_selection(table, chosen))
     ranks = None
     if cfg.lora.rank_allocation is RankAllocation.snr:
         ranks = snr_ranks(table, chosen, cfg.lora.r, cfg.lora.r_min, cfg.lora.r_max)
         log.info("ranks by SNR: %s", ", ".join(f"{n}={r}" for n, r in ranks.items()))
+    check_ranks_fit(table, chosen, cfg.lora.r, ranks)
+    heatmap = exports.write_snr(run_dir, table, chosen, exports.slug(cfg.model.name_or_path))
     return table, chosen, ranks, heatmap
 
 
@@ -90,6 +95,8 @@ def _run(cfg: TrainConfig, run_dir: Path, resume_from: Path | None, info: RunInf
     with distributed.main_first():  # downloads (or the random-init build) once per machine
         path = checkpoint.resolve(cfg.model)  # first: a missing model fails before heavy imports
         files = checkpoint.safetensors_files(path)
+        if cfg.selection.strategy is Strategy.layers and (n := checkpoint.num_layers(path)):
+            check_layers(cfg.selection.layers, cfg.selection.last_k, n)  # before any model loads
         from transformers import set_seed
 
         from spectraqlora import data, modeling, training
@@ -208,11 +215,25 @@ def main() -> None:
 def hydra_main(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode is RunMode.MULTIRUN
+    run_dir = Path(hydra_cfg.runtime.output_dir)
     with exit_on_user_error(reraise=multirun):
-        job = distributed.from_main(lambda: (to_train_config(cfg), Path(hydra_cfg.runtime.output_dir),
-                                             run_info(hydra_cfg)))
-        metrics = run(*job)
+        try:
+            job = distributed.from_main(lambda: (to_train_config(cfg), run_dir, run_info(hydra_cfg)))
+            metrics = run(*job)
+        except UserError as exc:
+            to_log_file(f"error: {exc}")  # the terminal gets it from exit_on_user_error
+            if not multirun and distributed.is_main():
+                rundir.discard_if_untrained(run_dir)  # refused before training: no empty run dir
+            raise
     return metrics["eval_loss"]
+
+
+def to_log_file(message: str) -> None:
+    """An ERROR line in the run's log file (Hydra's file handler) but not on the console."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 def run_info(hydra_cfg) -> RunInfo:

@@ -64,3 +64,18 @@ def test_wrong_type_and_unknown_key_are_refused_while_composing():
         compose("model=nope")
     with pytest.raises(ConfigCompositionException):
         compose("quant.mode=nf5")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("+lora.rank=16", "unknown key lora.rank: did you mean lora.r?"),
+    ("++lora.rank=16", "unknown key lora.rank: did you mean lora.r?"),
+    ("+trainer.lr=0.5", "unknown key trainer.lr: did you mean trainer.learning_rate?"),
+    ("+selection.topfrac=0.3", "unknown key selection.topfrac: did you mean selection.top_frac?"),
+    ("+wandb=1", "unknown key wandb (the keys of the top level are: model, dataset"),
+])
+def test_keys_added_with_plus_are_refused_naming_the_nearest(override, message):
+    """Hydra refuses lora.rank=16 but adds +lora.rank=16 (its own error message suggests that
+    form): the schema must refuse it rather than save and ignore it."""
+    with pytest.raises(UserError) as caught:
+        to_train_config(compose(override))
+    assert str(caught.value).startswith(message)

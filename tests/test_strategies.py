@@ -3,7 +3,7 @@ import pytest
 
 from spectraqlora.config import SelectionConfig, Strategy
 from spectraqlora.errors import UserError
-from spectraqlora.selection import lora_params, select, snr_ranks
+from spectraqlora.selection import check_ranks_fit, lora_params, select, snr_ranks
 
 
 def table(layers=8, types=("q", "v"), shape=(64, 32)):
@@ -49,6 +49,28 @@ def test_layers_by_index_from_the_end_and_last_k():
         pick(table(4), strategy=Strategy.layers, layers=[4])
     with pytest.raises(UserError, match="last_k=5 but the model has 4 layers"):
         pick(table(4), strategy=Strategy.layers, last_k=5)
+
+
+def test_explicit_layers_select_exactly_those_layers_as_composed():
+    """conf/selection/layers.yaml once set last_k: 2, which won over selection.layers=[0]."""
+    from conftest import compose
+    from spectraqlora.config import to_train_config
+
+    cfg = to_train_config(compose("selection=layers", "selection.layers=[0]")).selection
+    assert (cfg.layers, cfg.last_k) == ([0], None)
+    assert select(table(4), cfg) == ["layers.0.q", "layers.0.v"]
+    with pytest.raises(UserError, match=r"selection.layers=\[0\] and selection.last_k=2: give one"):
+        to_train_config(compose("selection=layers", "selection.layers=[0]", "selection.last_k=2"))
+
+
+def test_a_rank_above_a_matrix_side_is_refused_with_its_shape():
+    rows = table(4, shape=(64, 32))
+    check_ranks_fit(rows, list(rows), r=32)
+    with pytest.raises(UserError, match=r"^lora.r: rank 33 is larger than the smaller dimension of "
+                                        r"layers.0.q \(shape 64x32\); use lora.r<=32$"):
+        check_ranks_fit(rows, list(rows), r=33)
+    with pytest.raises(UserError, match="lora.r_max"):
+        check_ranks_fit(rows, list(rows), r=8, ranks={"layers.3.v": 40})
 
 
 def test_min_per_type_rescues_a_small_fraction_on_a_shallow_model():
