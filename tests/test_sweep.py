@@ -165,3 +165,36 @@ def test_storage_passwords_stay_out_of_results_and_logs():
     sweeper = SweeperImpl(None, None, "minimize", None, None, "s", 1, 1, 0.5, 60, None, None)
     sweeper.url = "postgresql://optuna:s3cret@db.example:5432/studies"
     assert "s3cret" not in sweeper._shown_url() and "db.example:5432/studies" in sweeper._shown_url()
+
+
+def test_optuna_dashboard_serves_a_sweeps_sqlite_study(tmp_path):
+    """The README's `optuna-dashboard sqlite:///<sweep dir>/optuna.db` ([dashboard] extra), on
+    loopback, for a few seconds."""
+    import json
+    import shutil
+    import socket
+    import time
+    import urllib.request
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="snr_rank", storage=url)
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([shutil.which("optuna-dashboard"), url, "--host", "127.0.0.1",
+                               "--port", str(port), "--quiet"], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        deadline, studies = time.monotonic() + 30, None
+        while studies is None and time.monotonic() < deadline and server.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=2) as r:
+                    studies = json.load(r)["study_summaries"]
+            except OSError:
+                time.sleep(0.2)
+    finally:
+        server.kill()
+        server.wait()
+    assert studies is not None, "optuna-dashboard did not answer within 30 s"
+    assert [(s["study_name"], s["directions"]) for s in studies] == [("snr_rank", ["minimize"])]
