@@ -17,6 +17,15 @@ class OutOfMemory(UserError):
     """The accelerator ran out of memory; the message names the configuration that did it."""
 
 
+class Interrupted(UserError):
+    """SIGINT or SIGTERM: the run stopped on purpose; the message says what was kept and how to
+    go on. Exits 128 + the signal number, as a shell reports a process ended by it."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
 @contextlib.contextmanager
 def exit_on_user_error(reraise: bool = False):
     """Turn a UserError into one `error:` line and exit status 2.
@@ -29,4 +38,4 @@ def exit_on_user_error(reraise: bool = False):
         if reraise:
             raise
         print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(getattr(exc, "exit_code", 2))

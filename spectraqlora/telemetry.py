@@ -37,6 +37,7 @@ class RunInfo:
     group: str | None = None
     job_type: str = "train"
     trial: Any = None
+    stop_on_signal: bool = False  # SIGINT/SIGTERM save a checkpoint and stop (single runs)
 
 
 def show_progress(logger: LoggerConfig) -> bool:

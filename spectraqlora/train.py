@@ -5,10 +5,13 @@ Returns the final eval loss so any Hydra sweeper can minimize it. Under `acceler
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
+import shlex
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -20,7 +23,7 @@ from omegaconf import DictConfig
 
 from spectraqlora import checkpoint, distributed, exports, rundir, telemetry
 from spectraqlora.config import CONF_DIR, RankAllocation, Strategy, TrainConfig, to_train_config
-from spectraqlora.errors import NonFiniteLoss, OutOfMemory, UserError, exit_on_user_error
+from spectraqlora.errors import Interrupted, NonFiniteLoss, OutOfMemory, UserError, exit_on_user_error
 from spectraqlora.selection import check_layers, check_ranks_fit, selection_record, snr_ranks
 from spectraqlora.sweep import current_trial
 from spectraqlora.telemetry import RunInfo
@@ -91,6 +94,7 @@ def select(cfg: TrainConfig, files: list[Path], run_dir: Path):
 
 
 def _run(cfg: TrainConfig, run_dir: Path, resume_from: Path | None, info: RunInfo) -> dict:
+    began = time.perf_counter()
     telemetry.configure_progress(telemetry.show_progress(cfg.logger))
     with distributed.main_first():  # downloads (or the random-init build) once per machine
         path = checkpoint.resolve(cfg.model)  # first: a missing model fails before heavy imports
@@ -127,16 +131,20 @@ def _run(cfg: TrainConfig, run_dir: Path, resume_from: Path | None, info: RunInf
         tel.log({"params/trainable": trainable, "params/trainable_frac": trainable / total,
                  "selection/num_modules": len(chosen), "selection/top_frac": cfg.selection.top_frac,
                  "lora/r": cfg.lora.r}, step=0)
-        meter = training.TelemetryCallback(tel, cfg.model.task)
-        callbacks = [meter] + ([training.PruningCallback(info.trial)] if info.trial else [])
+        meter, stopper = training.TelemetryCallback(tel, cfg.model.task), training.StopOnSignal()
+        callbacks = [meter, stopper] + ([training.PruningCallback(info.trial)] if info.trial else [])
         trainer = training.build_trainer(net, tokenized, tokenizer, cfg, run_dir, callbacks)
         before = training.evaluate(trainer, cfg.model.task)
         log.info("before training: %s", format_metrics(before))
         if resume_from:
             log.info("resuming from %s", resume_from)
         start = time.perf_counter()
-        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        with stopper if info.stop_on_signal else contextlib.nullcontext():
+            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         runtime = time.perf_counter() - start
+        if stopper.signum:
+            raise Interrupted(f"stopped by {signal.Signals(stopper.signum).name} at step "
+                              f"{trainer.state.global_step} of {trainer.state.max_steps}", stopper.signum)
         after = training.evaluate(trainer, cfg.model.task)
         log.info("after training:  %s", format_metrics(after))
         if not math.isfinite(after["eval_loss"]):
@@ -166,7 +174,20 @@ def _run(cfg: TrainConfig, run_dir: Path, resume_from: Path | None, info: RunInf
         rundir.write_json(run_dir / rundir.METRICS, metrics)  # last: marks the run finished
     if not cfg.trainer.keep_checkpoints:
         shutil.rmtree(run_dir / rundir.CHECKPOINTS, ignore_errors=True)
+    log.info("run finished\n%s", format_summary(metrics, run_dir, time.perf_counter() - began))
     return metrics
+
+
+def format_summary(metrics: dict, run_dir: Path, wall_s: float) -> str:
+    """The block a finished run ends with: where it is, what it reached, what it cost."""
+    evals = "   ".join(f"{key.removeprefix('eval_')} {metrics[key + '_before']:.4f} -> {metrics[key]:.4f}"
+                       for key in metrics if key.startswith("eval_") and key + "_before" in metrics)
+    rows = {"run dir": run_dir, "eval": evals,
+            "training": f"{metrics['train_steps']} steps in {metrics['train_runtime_s']:.1f} s"
+                        + (f", {metrics['tokens_per_sec']:,.0f} tokens/s" if "tokens_per_sec" in metrics else ""),
+            "wall time": f"{wall_s:.1f} s", "peak memory": f"{metrics['peak_mem_gb']:.2f} GB",
+            "adapter": run_dir / rundir.ADAPTER}
+    return "\n".join(f"  {name:<12} {value}" for name, value in rows.items())
 
 
 def resources() -> dict:
@@ -216,16 +237,41 @@ def hydra_main(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode is RunMode.MULTIRUN
     run_dir = Path(hydra_cfg.runtime.output_dir)
+    single = not multirun and not distributed.launched()
+    if single:
+        signal.signal(signal.SIGTERM, _raise_interrupt)  # as Ctrl-C, until training handles it
     with exit_on_user_error(reraise=multirun):
         try:
-            job = distributed.from_main(lambda: (to_train_config(cfg), run_dir, run_info(hydra_cfg)))
-            metrics = run(*job)
+            try:
+                job = distributed.from_main(lambda: (to_train_config(cfg), run_dir, run_info(hydra_cfg)))
+                metrics = run(*job)
+            except KeyboardInterrupt as exc:
+                if not single:
+                    raise
+                signum = exc.args[0] if exc.args else signal.SIGINT
+                raise Interrupted(f"stopped by {signal.Signals(signum).name}", signum) from None
         except UserError as exc:
+            if isinstance(exc, Interrupted):
+                last = rundir.last_checkpoint(run_dir)
+                exc.args = (f"{exc}; " + (f"kept {last}; resume with: {resume_command(hydra_cfg, run_dir)}"
+                                          if last else "no checkpoint to resume from"),)
             to_log_file(f"error: {exc}")  # the terminal gets it from exit_on_user_error
             if not multirun and distributed.is_main():
                 rundir.discard_if_untrained(run_dir)  # refused before training: no empty run dir
             raise
     return metrics["eval_loss"]
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(signum)
+
+
+def resume_command(hydra_cfg, run_dir: Path) -> str:
+    """The command line that continues this run: its overrides, its run dir, trainer.resume."""
+    own = ("hydra.run.dir", "trainer.resume")
+    kept = [o for o in hydra_cfg.overrides.task if o.split("=")[0].lstrip("+~") not in own]
+    return shlex.join(["python", "-m", "spectraqlora.train", *kept, f"hydra.run.dir={run_dir}",
+                       "trainer.resume=true"])
 
 
 def to_log_file(message: str) -> None:
@@ -241,7 +287,7 @@ def run_info(hydra_cfg) -> RunInfo:
     and the Optuna trial to report to when spectraqlora's sweeper runs it."""
     name = ",".join(o for o in hydra_cfg.overrides.task if not o.startswith("hydra.")) or "default"
     if hydra_cfg.mode is not RunMode.MULTIRUN:
-        return RunInfo(name=name)
+        return RunInfo(name=name, stop_on_signal=not distributed.launched())
     sweep_dir = Path(hydra_cfg.sweep.dir)
     group = hydra_cfg.sweeper.get("study_name") or f"{sweep_dir.parent.name}_{sweep_dir.name}"
     return RunInfo(name=name, group=group, job_type="sweep-trial", trial=current_trial(hydra_cfg))

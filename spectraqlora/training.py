@@ -5,6 +5,7 @@ import dataclasses
 import gc
 import logging
 import math
+import signal
 import statistics
 import time
 from pathlib import Path
@@ -97,6 +98,38 @@ class Trainer(transformers.Trainer):
                     step, self.skipped_steps)
         zero = torch.zeros((), device=loss.device, requires_grad=True)  # no gradient flows back
         return (zero, *result[1:]) if return_outputs else zero
+
+
+class StopOnSignal(transformers.TrainerCallback):
+    """While installed (a `with` block around training): SIGINT (Ctrl-C) or SIGTERM lets the
+    current step finish, saves a checkpoint and stops training; `signum` tells which came. A
+    second signal stops at once (KeyboardInterrupt)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.previous: dict = {}
+
+    def __enter__(self):
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        log.warning("%s: stopping after this step and saving a checkpoint (send it again to stop "
+                    "at once, without one)", signal.Signals(signum).name)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.signum is not None:
+            control.should_save = True
+            control.should_training_stop = True
 
 
 def accuracy(eval_pred) -> dict:

@@ -1,5 +1,6 @@
 """The commands as a user types them, end to end, offline."""
 import json
+import re
 
 import pytest
 
@@ -41,9 +42,17 @@ def test_default_job_trains_minilm_to_090_and_evaluate_reproduces_it(tmp_path):
 
 
 def test_tiny_llama_causal_lm_smoke_learns_and_reproduces(smoke_run):
-    run_dir, _ = smoke_run
+    run_dir, result = smoke_run
     metrics = finished(run_dir)
     assert metrics["eval_loss"] < metrics["eval_loss_before"]
+    summary = result.stdout.split("run finished\n")[1].splitlines()[:6]  # the run's last words
+    assert summary == [
+        f"  run dir      {run_dir}",
+        f"  eval         loss {metrics['eval_loss_before']:.4f} -> {metrics['eval_loss']:.4f}   "
+        f"perplexity {metrics['eval_perplexity_before']:.4f} -> {metrics['eval_perplexity']:.4f}",
+        f"  training     20 steps in {metrics['train_runtime_s']:.1f} s, {metrics['tokens_per_sec']:,.0f} tokens/s",
+        summary[3], f"  peak memory  {metrics['peak_mem_gb']:.2f} GB", f"  adapter      {run_dir / 'adapter'}"]
+    assert re.fullmatch(r"  wall time    \d+\.\d s", summary[3])
     assert metrics["eval_perplexity"] == pytest.approx(2.718281828 ** metrics["eval_loss"], rel=1e-6)
     assert metrics["train_steps"] == 20
     again = evaluate_run(run_dir)  # in process; the default job above checks the command

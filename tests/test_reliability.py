@@ -1,6 +1,8 @@
 """Crash safety, resume, numerical faults, security and determinism (small models, smoke runs)."""
 import json
 import math
+import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -245,3 +247,26 @@ def test_a_refused_command_prints_one_line_and_leaves_no_run_dir(tmp_path):
         "error: unknown key lora.rank: did you mean lora.r? (the keys of lora are: r, alpha, "
         "dropout, bias, use_rslora, rank_allocation, r_min, r_max)"]
     assert list(tmp_path.iterdir()) == []  # no outputs/<date>/<time>/ left behind
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_keeps_a_checkpoint_and_says_how_to_resume(tmp_path, sig):
+    run_dir = tmp_path / "run"
+    args = [*SMOKE, f"hydra.run.dir={run_dir}"]
+    proc = subprocess.Popen([sys.executable, "-m", "spectraqlora.train", *args], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while rundir.last_checkpoint(run_dir) is None and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + sig, err[-3000:]
+    assert "Traceback" not in err
+    (line,) = [line for line in err.splitlines() if line.startswith("error:")]
+    stopped = re.fullmatch(rf"error: stopped by {sig.name} at step (\d+) of 20; kept (\S+); "
+                           r"resume with: (.*)", line)
+    assert stopped, line
+    assert stopped[2] == str(rundir.last_checkpoint(run_dir)) == str(run_dir / "checkpoints" / f"checkpoint-{stopped[1]}")
+    assert shlex.split(stopped[3]) == ["python", "-m", "spectraqlora.train", *args, "trainer.resume=true"]
+    assert not (run_dir / "metrics.json").exists()
+    assert line in (run_dir / "train.log").read_text()
