@@ -302,11 +302,20 @@ def _schema_at(path: str):
 
 
 def load_run_config(run_dir: Path) -> TrainConfig:
-    """The config a finished run was trained with (its .hydra/config.yaml)."""
+    """The config a finished run was trained with (its .hydra/config.yaml), its relative local
+    paths (dataset.path, model.name_or_path) made absolute from where the run was started."""
     path = Path(run_dir) / ".hydra" / "config.yaml"
     if not path.is_file():
         raise UserError(f"{run_dir} is not a run dir: {path} does not exist")
-    return to_train_config(OmegaConf.load(path))
+    cfg = to_train_config(OmegaConf.load(path))
+    hydra_yaml = Path(run_dir) / ".hydra" / "hydra.yaml"
+    started_in = OmegaConf.select(OmegaConf.load(hydra_yaml), "hydra.runtime.cwd") if hydra_yaml.is_file() else None
+    if started_in:
+        for node, key in ((cfg.dataset, "path"), (cfg.model, "name_or_path")):
+            value = Path(getattr(node, key)).expanduser()
+            if not value.is_absolute() and (Path(started_in) / value).exists():
+                setattr(node, key, str(Path(started_in) / value))
+    return cfg
 
 
 def _package_model_path(package: str) -> str:

@@ -6,23 +6,31 @@ metrics beside those the run recorded and writes them to <run_dir>/eval_metrics.
 from __future__ import annotations
 
 import logging
+import tempfile
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from spectraqlora import checkpoint, data, modeling, rundir, training
+from spectraqlora import rundir
 from spectraqlora.config import CONF_DIR, load_run_config
 from spectraqlora.errors import UserError, exit_on_user_error
 
 log = logging.getLogger("spectraqlora.evaluate")
 
 
-def evaluate_run(run_dir: Path, allow_pickle: bool = False) -> dict:
+def evaluate_run(run_dir: Path | None, allow_pickle: bool = False) -> dict:
+    if run_dir is None:
+        raise UserError("which run? python -m spectraqlora.evaluate run_dir=<finished run dir> "
+                        "(e.g. outputs/<date>/<time>)")
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"run_dir={run_dir}: no such directory")
     if not (run_dir / rundir.METRICS).is_file():
         raise UserError(f"{run_dir} is not a finished run: it has no {rundir.METRICS}")
     cfg = load_run_config(run_dir)
+    from spectraqlora import checkpoint, data, modeling, training  # torch: after the checks
+
     cfg.logger.name = "none"  # a re-evaluation is not a new W&B run
     path = checkpoint.resolve(cfg.model)
     tokenizer = modeling.load_tokenizer(path, cfg.model)
@@ -31,8 +39,9 @@ def evaluate_run(run_dir: Path, allow_pickle: bool = False) -> dict:
     base = modeling.load_base(path, cfg.model, cfg.quant, tokenizer,
                               data.num_labels(raw, cfg.dataset, cfg.model.task))
     net = modeling.load_adapter(base, run_dir / rundir.ADAPTER, allow_pickle)
-    trainer = training.build_trainer(net, tokenized, tokenizer, cfg, run_dir)
-    metrics = training.evaluate(trainer, cfg.model.task)
+    with tempfile.TemporaryDirectory(prefix="spectraqlora-eval-") as scratch:  # the Trainer's output dir
+        trainer = training.build_trainer(net, tokenized, tokenizer, cfg, Path(scratch))
+        metrics = training.evaluate(trainer, cfg.model.task)
     recorded = rundir.read_json(run_dir / rundir.METRICS)
     for key, value in metrics.items():
         log.info("%-16s %.6f (run recorded %.6f)", key, value, recorded.get(key, float("nan")))
@@ -43,7 +52,7 @@ def evaluate_run(run_dir: Path, allow_pickle: bool = False) -> dict:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     with exit_on_user_error():
-        evaluate_run(Path(cfg.run_dir), cfg.allow_pickle)
+        evaluate_run(cfg.run_dir and Path(cfg.run_dir), cfg.allow_pickle)
 
 
 if __name__ == "__main__":

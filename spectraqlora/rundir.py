@@ -18,7 +18,7 @@ ADAPTER = "adapter"
 CHECKPOINTS = "checkpoints"  # Trainer checkpoints: adapter + optimizer, scheduler, RNG; no base
 LOCK = ".run.lock"  # flock'ed by the process that runs in the dir
 # What a run writes before it trains: a run refused by then holds nothing more.
-BEFORE_TRAINING = {".hydra", "train.log", "evaluate.log", LOCK, SNR, "snr_heatmap.png"}
+BEFORE_TRAINING = {".hydra", "train.log", LOCK, SNR, "snr_heatmap.png"}
 
 _held: dict[Path, int] = {}  # run dir -> fd of its lock, in this process
 

@@ -58,6 +58,24 @@ def test_tiny_llama_causal_lm_smoke_learns_and_reproduces(smoke_run):
     again = evaluate_run(run_dir)  # in process; the default job above checks the command
     for key, value in again.items():
         assert value == pytest.approx(metrics[key], abs=1e-3), key
+    assert not (run_dir / "checkpoints").exists()  # evaluate leaves nothing of the Trainer's
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "error: which run? python -m spectraqlora.evaluate run_dir=<finished run dir>"),
+    (["run_dir=outputs/nope"], "error: run_dir=outputs/nope: no such directory"),
+])
+def test_evaluate_without_a_run_is_one_line_and_creates_nothing(tmp_path, args, message):
+    result = run_cli("evaluate", *args, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [message + (" (e.g. outputs/<date>/<time>)" if not args else "")]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_evaluate_help_names_only_its_own_keys(tmp_path):
+    result = run_cli("evaluate", "--help", cwd=tmp_path)
+    assert result.stdout.startswith("python -m spectraqlora.evaluate run_dir=<finished run dir>")
+    assert "selection" not in result.stdout and "== Config ==" not in result.stdout
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -79,3 +79,18 @@ def test_keys_added_with_plus_are_refused_naming_the_nearest(override, message):
     with pytest.raises(UserError) as caught:
         to_train_config(compose(override))
     assert str(caught.value).startswith(message)
+
+
+def test_a_runs_relative_paths_are_read_from_where_it_was_started(tmp_path):
+    from omegaconf import OmegaConf
+
+    from spectraqlora.config import load_run_config
+
+    started, run_dir = tmp_path / "project", tmp_path / "runs" / "r1"
+    (started / "data").mkdir(parents=True)
+    (started / "data" / "rows.jsonl").write_text("{}\n")
+    (run_dir / ".hydra").mkdir(parents=True)
+    cfg = compose("dataset=file", "dataset.path=data/rows.jsonl")
+    (run_dir / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    (run_dir / ".hydra" / "hydra.yaml").write_text(f"hydra:\n  runtime:\n    cwd: {started}\n")
+    assert load_run_config(run_dir).dataset.path == str(started / "data" / "rows.jsonl")
