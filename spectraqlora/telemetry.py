@@ -45,12 +45,45 @@ def show_progress(logger: LoggerConfig) -> bool:
     return logger.progress and sys.stderr.isatty()
 
 
+class _Once(logging.Filter):
+    """Lets each distinct message through once."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message in self.seen:
+            return False
+        self.seen.add(message)
+        return True
+
+
+# Libraries' loggers that repeat one warning per forward pass (quant=int8: 672 casts in 20 steps)
+_REPEATERS = ("bitsandbytes.autograd._functions",)
+
+
+def quiet_libraries() -> None:
+    """Library noise a user cannot act on, said once or not at all: bitsandbytes' per-call cast
+    warning once; FutureWarnings about transformers/peft internals that spectraqlora calls, not
+    the user, not at all."""
+    import warnings
+
+    for name in _REPEATERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _Once) for f in logger.filters):
+            logger.addFilter(_Once())
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)(\.|$)")
+
+
 def configure_progress(enabled: bool) -> None:
     """Turn the libraries' own bars (downloads, checkpoint writing, weight loading, dataset
     maps) on or off with ours, without importing the heavy ones before they are needed:
     transformers takes the hub's setting when imported, datasets reads its variable."""
     from huggingface_hub import utils as hub
 
+    quiet_libraries()
     hub.enable_progress_bars() if enabled else hub.disable_progress_bars()
     if "transformers" in sys.modules:
         from transformers.utils import logging as tf_logging

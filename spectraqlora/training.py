@@ -207,9 +207,35 @@ def throughput(step_times: list[float], tokens: int, args: TrainingArguments) ->
             "perf/samples_per_sec": samples / busy}
 
 
+class LogProgress(transformers.TrainerCallback):
+    """Without a progress bar (output piped to a file): the Trainer's printed dicts become one
+    log line per logging step, with the time left (evaluations before training are logged by
+    the run itself)."""
+
+    began = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.began, self.first_step = time.perf_counter(), state.global_step
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        if self.began is None:
+            return
+        if "eval_loss" in logs:
+            log.info("step %d/%d: eval loss %.4f%s", state.global_step, state.max_steps, logs["eval_loss"],
+                     f"  accuracy {logs['eval_accuracy']:.4f}" if "eval_accuracy" in logs else "")
+        elif "loss" in logs:
+            done = state.global_step - self.first_step
+            per_step = (time.perf_counter() - self.began) / max(done, 1)
+            left = per_step * (state.max_steps - state.global_step)
+            log.info("step %d/%d: loss %.4f  lr %.3g  %.2f s/step  %s left", state.global_step,
+                     state.max_steps, logs["loss"], logs.get("learning_rate", float("nan")),
+                     per_step, time.strftime("%H:%M:%S", time.gmtime(left)))
+
+
 def build_trainer(net, tokenized, tokenizer, cfg: TrainConfig, run_dir: Path,
                   callbacks: list | None = None) -> Trainer:
-    return Trainer(
+    trainer = Trainer(
         model=net,
         args=training_arguments(cfg, run_dir),
         train_dataset=tokenized["train"],
@@ -220,6 +246,10 @@ def build_trainer(net, tokenized, tokenizer, cfg: TrainConfig, run_dir: Path,
         on_nonfinite_loss=cfg.trainer.on_nonfinite_loss,
         callbacks=callbacks,
     )
+    if trainer.args.disable_tqdm:
+        trainer.remove_callback(transformers.trainer_callback.PrinterCallback)
+        trainer.add_callback(LogProgress())
+    return trainer
 
 
 def save_adapter(trainer: Trainer, path: Path) -> None:

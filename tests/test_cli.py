@@ -53,6 +53,9 @@ def test_tiny_llama_causal_lm_smoke_learns_and_reproduces(smoke_run):
         f"  training     20 steps in {metrics['train_runtime_s']:.1f} s, {metrics['tokens_per_sec']:,.0f} tokens/s",
         summary[3], f"  peak memory  {metrics['peak_mem_gb']:.2f} GB", f"  adapter      {run_dir / 'adapter'}"]
     assert re.fullmatch(r"  wall time    \d+\.\d s", summary[3])
+    out = result.stdout + result.stderr  # piped, as in a job log
+    assert "\x1b" not in out and "FutureWarning" not in out and "{'loss'" not in out
+    assert re.search(r"step 20/20: loss \d+\.\d+  lr \S+  \d+\.\d+ s/step  00:00:00 left", out)
     assert metrics["eval_perplexity"] == pytest.approx(2.718281828 ** metrics["eval_loss"], rel=1e-6)
     assert metrics["train_steps"] == 20
     again = evaluate_run(run_dir)  # in process; the default job above checks the command

@@ -86,3 +86,16 @@ def test_a_wandb_failure_does_not_fail_training(monkeypatch, tmp_path, caplog):
     assert "W&B could not start" in caplog.text
     assert (tmp_path / "metrics.json").is_file() and math.isfinite(metrics["eval_loss"])
     assert (tmp_path / "metrics.jsonl").is_file()
+
+
+def test_a_library_warning_repeated_per_forward_is_shown_once(caplog):
+    import logging
+
+    from spectraqlora.telemetry import quiet_libraries
+
+    quiet_libraries()
+    cast = logging.getLogger("bitsandbytes.autograd._functions")
+    for _ in range(3):
+        cast.warning("MatMul8bitLt: inputs will be cast from torch.float32 to float16 during quantization")
+    cast.warning("another message")
+    assert [r.getMessage()[:12] for r in caplog.records if r.name == cast.name] == ["MatMul8bitLt", "another mess"]
