@@ -143,3 +143,28 @@ def test_rows_that_truncation_leaves_without_response_are_dropped():
     out = tokenize(data, tokenizer, DatasetConfig(max_length=cut), Task.causal_lm)["train"]
     assert 0 < len(out) < 40
     assert all(any(t != IGNORE_INDEX for t in labels) for labels in out["labels"])
+
+
+def test_an_unreachable_hub_dataset_fails_at_once_in_one_line(tmp_path):
+    """Online mode, but the hub does not answer (a closed local port): one request, then the
+    cache, then one line; datasets alone retried five times (24 s here)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"))
+    script = ("from spectraqlora.config import DatasetConfig, Task\n"
+              "from spectraqlora.data import load\n"
+              "from spectraqlora.errors import exit_on_user_error\n"
+              "with exit_on_user_error():\n"
+              "    load(DatasetConfig(path='stanfordnlp/sst2'), Task.classification, 0)\n")
+    began = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert time.monotonic() - began < 15
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: dataset.path=stanfordnlp/sst2 is neither in the local datasets cache nor reachable "
+        "on the hub (http://127.0.0.1:9); download it where the hub answers, or use a local file: "
+        "dataset=file dataset.path=<file>"]
