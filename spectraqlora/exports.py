@@ -68,23 +68,24 @@ def heatmap(table: dict[str, dict], chosen: list[str], path: Path, title: str) -
         snr[i, j] = float(np.mean(values))
     top = np.nanmax(snr, axis=0)
     relative = snr / np.where(top > 0, top, 1.0)
-    fig, ax = plt.subplots(figsize=(1.5 + 1.1 * len(types), 1.5 + 0.3 * len(layers)))
-    image = ax.imshow(relative, aspect="auto", cmap="viridis", origin="lower", vmin=0, vmax=1)
-    if len(layers) * len(types) <= 600:
-        for (i, j), value in np.ndenumerate(snr):
-            if not np.isnan(value):
-                ax.text(j, i, f"{value:.3g}", ha="center", va="center", fontsize=6,
-                        color="white" if relative[i, j] < 0.6 else "black")
-    for i, j in marked:
-        ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", lw=2))
-    ax.set_xticks(range(len(types)), types, rotation=45, ha="right", fontsize=8)
-    ax.set_yticks(range(len(layers)), layers, fontsize=7)
-    ax.set_ylabel("layer")
-    ax.set_title(f"{title}: SNR per module (red = selected)", fontsize=9)
-    fig.colorbar(image, ax=ax, label="SNR / highest SNR of the type")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with plt.style.context("default"):  # whatever style another library left set (optuna: ggplot)
+        fig, ax = plt.subplots(figsize=(1.5 + 1.1 * len(types), 1.5 + 0.3 * len(layers)))
+        image = ax.imshow(relative, aspect="auto", cmap="viridis", origin="lower", vmin=0, vmax=1)
+        if len(layers) * len(types) <= 600:
+            for (i, j), value in np.ndenumerate(snr):
+                if not np.isnan(value):
+                    ax.text(j, i, f"{value:.3g}", ha="center", va="center", fontsize=6,
+                            color="white" if relative[i, j] < 0.6 else "black")
+        for i, j in marked:
+            ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", lw=2))
+        ax.set_xticks(range(len(types)), types, rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(len(layers)), layers, fontsize=7)
+        ax.set_ylabel("layer")
+        ax.set_title(f"{title}: SNR per module (red = selected)", fontsize=9)
+        fig.colorbar(image, ax=ax, label="SNR / highest SNR of the type")
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
 
 
 def write_snr(run_dir: Path, table: dict[str, dict], chosen: list[str], model_name: str) -> Path | None:

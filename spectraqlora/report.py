@@ -60,6 +60,8 @@ def summarize(rows: list[dict]) -> tuple[list[str], list[dict]]:
     table = []
     for setting, members in groups.items():
         entry = {**dict(zip(keys, setting)), "strategy": members[0]["strategy"], "n": len(members)}
+        if "selected_modules" in members[0]:
+            entry["selected_modules"] = statistics.mean(m["selected_modules"] for m in members)
         for metric, _, _ in COLUMNS:
             values = [m[metric] for m in members if metric in m]
             if values:
@@ -69,12 +71,27 @@ def summarize(rows: list[dict]) -> tuple[list[str], list[dict]]:
     return keys, sorted(table, key=lambda e: (e["strategy"], e.get("trainable_params", 0)))
 
 
+def best(table: list[dict]) -> dict | None:
+    """The setting of lowest mean eval loss."""
+    return min((e for e in table if "eval_loss" in e), key=lambda e: e["eval_loss"], default=None)
+
+
+def _setting(value: str) -> str:
+    """A swept value as shown: numbers to 3 significant digits (top_frac 0.1667 -> 0.167)."""
+    try:
+        return f"{float(value):.3g}" if "." in value else value
+    except ValueError:
+        return value
+
+
 def markdown(keys: list[str], table: list[dict]) -> str:
     metrics = [c for c in COLUMNS if any(c[0] in e for e in table)]
-    head = [*keys, "strategy", "n", *(title for _, title, _ in metrics)]
+    head = [*keys, "strategy", "n", "modules", *(title for _, title, _ in metrics)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    winner = best(table)
     for e in table:
-        cells = [str(e[k]) for k in keys] + [e["strategy"], str(e["n"])]
+        cells = [_setting(str(e[k])) for k in keys] + [e["strategy"], str(e["n"]),
+                                                       f"{e['selected_modules']:.0f}" if "selected_modules" in e else ""]
         for metric, _, fmt in metrics:
             if metric not in e:
                 cells.append("")
@@ -82,33 +99,45 @@ def markdown(keys: list[str], table: list[dict]) -> str:
                 cells.append(f"{fmt.format(e[metric])} ± {fmt.format(e[metric + '_std'])}")
             else:
                 cells.append(fmt.format(e[metric]))
+        if e is winner:  # bold: the lowest eval loss
+            cells = [f"**{c}**" if c else c for c in cells]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def plot(table: list[dict], x: str, xlabel: str, path: Path) -> None:
+def plot(table: list[dict], keys: list[str], x: str, xlabel: str, path: Path) -> None:
     """Eval loss (log scale: it separates runs long after accuracy saturates) against x, one
-    line of points per strategy, with the std over seeds as error bars."""
+    colour per strategy, each point labelled by its setting, with the std over seeds as error
+    bars; points are not joined (settings are not a sequence)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter
 
     metric = "eval_loss"
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for strategy in sorted({e["strategy"] for e in table}):
-        points = sorted((e for e in table if e["strategy"] == strategy and metric in e and x in e),
-                        key=lambda e: e[x])
-        ax.errorbar([e[x] for e in points], [e[metric] for e in points],
-                    yerr=[e[f"{metric}_std"] for e in points], marker="o", capsize=3, label=strategy)
-    ax.set_yscale("log")
-    ax.set_xscale("log" if x == "trainable_params" else "linear")
-    ax.set(xlabel=xlabel, ylabel=metric.replace("_", " "), title=f"{metric.replace('_', ' ')} vs {xlabel}")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    with plt.style.context("default"):
+        fig, ax = plt.subplots(figsize=(7.2, 4.8))
+        for strategy in sorted({e["strategy"] for e in table}):
+            points = [e for e in table if e["strategy"] == strategy and metric in e and x in e]
+            ax.errorbar([e[x] for e in points], [e[metric] for e in points], linestyle="none",
+                        yerr=[e[f"{metric}_std"] for e in points], marker="o", capsize=3, label=strategy)
+            for e in points:
+                label = ",".join(_setting(str(e[k])) for k in keys) or strategy
+                ax.annotate(label, (e[x], e[metric]), xytext=(4, 4), textcoords="offset points", fontsize=7)
+        ax.set_yscale("log")
+        ax.set_xscale("log" if x == "trainable_params" else "linear")
+        for axis in (ax.yaxis, ax.xaxis if x == "trainable_params" else None):
+            if axis is not None:  # plain numbers on log axes, not 9.3x10^0
+                axis.set_major_formatter(FormatStrFormatter("%.3g"))
+                axis.set_minor_formatter(FormatStrFormatter("%.3g"))
+        ax.tick_params(which="minor", labelsize=7)
+        ax.set(xlabel=xlabel, ylabel=metric.replace("_", " "), title=f"{metric.replace('_', ' ')} vs {xlabel}")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend()
+        tmp = path.with_name(f".{path.name}.tmp.png")
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        plt.close(fig)
     tmp.replace(path)
 
 
@@ -122,12 +151,12 @@ def write_report(root: Path) -> str:
         raise UserError(f"{root} holds no finished run (no */metrics.json; {unfinished} unfinished)")
     keys, table = summarize(rows)
     text = markdown(keys, table)
-    plot(table, "trainable_params", "trainable parameters", root / "report_metric_vs_params.png")
-    plot(table, "peak_mem_gb", "peak memory (GB)", root / "report_metric_vs_memory.png")
+    plot(table, keys, "trainable_params", "trainable parameters", root / "report_metric_vs_params.png")
+    plot(table, keys, "peak_mem_gb", "peak memory (GB)", root / "report_metric_vs_memory.png")
     rundir.write_text(root / REPORT, "\n".join([
         f"# Report: {root}", "",
         f"{len(rows)} finished runs ({unfinished} unfinished skipped); mean ± std over the runs "
-        f"of each setting (seeds).", "", text, "",
+        f"of each setting (seeds); bold: the lowest eval loss.", "", text, "",
         "![metric vs trainable parameters](report_metric_vs_params.png)",
         "![metric vs peak memory](report_metric_vs_memory.png)", ""]))
     return f"{len(rows)} finished runs, {unfinished} unfinished skipped\n{text}"

@@ -20,18 +20,19 @@ def fake_run(root, n, overrides, metrics, strategy="spectrum"):
 
 
 def test_report_groups_by_swept_settings_over_seeds(tmp_path):
-    base = {"trainable_params": 1000, "tokens_per_sec": 50.0, "peak_mem_gb": 0.7}
+    base = {"trainable_params": 1000, "tokens_per_sec": 50.0, "peak_mem_gb": 0.7, "selected_modules": 6}
     for n, (arm, seed, acc) in enumerate([("a", 1, 0.8), ("a", 2, 0.9), ("b", 1, 0.6), ("b", 2, 0.6)]):
-        fake_run(tmp_path, n, [f"arm={arm}", f"seed={seed}", "model=minilm"],
+        fake_run(tmp_path, n, [f"arm={arm}", f"seed={seed}", "model=minilm", f"selection.top_frac={1 / 6 if arm == 'a' else 0.5}"],
                  {**base, "eval_loss": 1 - acc, "eval_accuracy": acc}, strategy=arm)
     fake_run(tmp_path, 9, ["arm=a", "seed=3"], None)  # unfinished
 
     printed = report.write_report(tmp_path)
     assert printed.startswith("4 finished runs, 1 unfinished skipped")
     text = (tmp_path / "report.md").read_text()
-    assert "| arm | strategy | n | eval loss | accuracy | trainable | tokens/s | peak GB |" in text
-    assert "| a | a | 2 | 0.1500 ± 0.0707 | 0.8500 ± 0.0707 | 1,000 |" in text
-    assert "| b | b | 2 | 0.4000 ± 0.0000 | 0.6000 ± 0.0000 |" in text
+    assert "| arm | selection.top_frac | strategy | n | modules | eval loss | accuracy | trainable | tokens/s | peak GB |" in text
+    # the best (lowest eval loss) in bold; top_frac rounded
+    assert "| **a** | **0.167** | **a** | **2** | **6** | **0.1500 ± 0.0707** | **0.8500 ± 0.0707** | **1,000** |" in text
+    assert "| b | 0.5 | b | 2 | 6 | 0.4000 ± 0.0000 | 0.6000 ± 0.0000 |" in text
     for png in ("report_metric_vs_params.png", "report_metric_vs_memory.png"):
         assert (tmp_path / png).stat().st_size > 1000
 

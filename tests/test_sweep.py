@@ -198,3 +198,19 @@ def test_optuna_dashboard_serves_a_sweeps_sqlite_study(tmp_path):
         server.wait()
     assert studies is not None, "optuna-dashboard did not answer within 30 s"
     assert [(s["study_name"], s["directions"]) for s in studies] == [("snr_rank", ["minimize"])]
+
+
+def test_optunas_plot_style_does_not_leak_into_later_figures(tmp_path):
+    """optuna's matplotlib plots set ggplot globally: in a sweep, later trials' SNR heatmaps got
+    grid lines through their cells. Each figure now draws in a style context of its own."""
+    import matplotlib.pyplot as plt
+
+    from hydra_plugins.spectraqlora_optuna_sweeper._impl import plot_study
+
+    before = dict(plt.rcParams)
+    study = optuna.create_study()
+    study.optimize(lambda t: t.suggest_float("x", 0, 1) + t.suggest_int("r", 1, 8), n_trials=3)
+    written = plot_study(study, ["eval_loss"], 3, tmp_path)
+    assert [p.name for p in written] == ["optimization_history.png", "param_importances.png"]
+    changed = {k for k, v in plt.rcParams.items() if str(before.get(k)) != str(v)}
+    assert not changed & {"axes.facecolor", "axes.grid", "axes.edgecolor", "grid.color"}, changed

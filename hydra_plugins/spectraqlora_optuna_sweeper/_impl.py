@@ -456,32 +456,46 @@ class SweeperImpl:
             return True
 
     def _plots(self, study: optuna.Study, complete: int) -> list[Path]:
-        """optuna.visualization.matplotlib figures as PNGs in the sweep dir."""
-        import matplotlib
+        return plot_study(study, self._objective_names(), complete, self.sweep_dir)
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from optuna.visualization import matplotlib as vis
 
-        names = self._objective_names()
-        first = {} if len(names) == 1 else {"target": lambda t: t.values[0], "target_name": names[0]}
-        wanted = {"optimization_history.png": lambda: vis.plot_optimization_history(study, **first)}
-        if complete >= 2:
-            wanted["param_importances.png"] = lambda: vis.plot_param_importances(study, **first)
-        if len(names) > 1:
-            wanted["pareto_front.png"] = lambda: vis.plot_pareto_front(study, target_names=names)
-        written = []
-        for name, plot in wanted.items():
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    axes = plot()
-                figure = getattr(axes, "figure", None) or axes.flat[0].figure
-                tmp = self.sweep_dir / f".{name}.tmp.png"
-                figure.savefig(tmp, dpi=110, bbox_inches="tight")
-                plt.close(figure)
-                os.replace(tmp, self.sweep_dir / name)
-                written.append(self.sweep_dir / name)
-            except Exception as exc:  # a plot must never stop a sweep
-                log.debug("plot %s skipped: %s", name, exc)
-        return written
+# Fewer finished trials than this: parameter importances are noise, and the plot says so.
+RELIABLE_IMPORTANCES = 10
+
+
+def plot_study(study: optuna.Study, names: list[str], complete: int, out: Path) -> list[Path]:
+    """optuna.visualization.matplotlib figures as PNGs in `out`, drawn in a style context of
+    their own (optuna sets ggplot globally, which leaked into later trials' heatmaps)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+    from optuna.visualization import matplotlib as vis
+
+    first = {"target_name": names[0]} | ({} if len(names) == 1 else {"target": lambda t: t.values[0]})
+    wanted = {"optimization_history.png": lambda: vis.plot_optimization_history(study, **first)}
+    if complete >= 2:
+        wanted["param_importances.png"] = lambda: vis.plot_param_importances(study, **first)
+    if len(names) > 1:
+        wanted["pareto_front.png"] = lambda: vis.plot_pareto_front(study, target_names=names)
+    written = []
+    for name, plot in wanted.items():
+        try:
+            with plt.style.context("default"), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                axes = plot()
+                ax = axes if hasattr(axes, "figure") else axes.flat[0]
+                if name == "optimization_history.png":
+                    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # trial numbers
+                if name == "param_importances.png" and complete < RELIABLE_IMPORTANCES:
+                    ax.text(0.98, 0.02, f"unreliable: only {complete} finished trials", ha="right",
+                            va="bottom", transform=ax.transAxes, color="firebrick", fontsize=9)
+                tmp = out / f".{name}.tmp.png"
+                ax.figure.savefig(tmp, dpi=110, bbox_inches="tight")
+                plt.close(ax.figure)
+            os.replace(tmp, out / name)
+            written.append(out / name)
+        except Exception as exc:  # a plot must never stop a sweep
+            log.debug("plot %s skipped: %s", name, exc)
+    return written
