@@ -12,6 +12,14 @@ from spectraqlora.errors import UserError
 SWEEPER = "hydra_plugins.spectraqlora_optuna_sweeper.optuna_sweeper.SpectraOptunaSweeper"
 
 
+def study_name(sweeper_cfg, sweep_dir) -> str:
+    """hydra.sweeper.study_name, or when null one derived from the sweep dir
+    (`multirun/2026-11-29/12-00-00` -> `2026-11-29_12-00-00`): every trial and resume of that
+    dir finds it; workers on several machines need a name of their own choosing."""
+    sweep_dir = Path(sweep_dir)
+    return sweeper_cfg.get("study_name") or f"{sweep_dir.parent.name}_{sweep_dir.name}"
+
+
 def storage_url(storage: str | None, sweep_dir) -> str:
     """The configured storage, or an SQLite file in the sweep dir (optuna-dashboard reads it).
     A bare postgresql:// URL takes psycopg (3), the driver of the [postgres] extra."""
@@ -99,11 +107,11 @@ def current_trial(hydra_cfg):
     import optuna
 
     sweeper = hydra_cfg.sweeper
+    name = study_name(sweeper, hydra_cfg.sweep.dir)
     storage = make_storage(storage_url(sweeper.storage, hydra_cfg.sweep.dir))
-    study = optuna.load_study(study_name=sweeper.study_name, storage=storage,
-                              pruner=make_pruner(sweeper.pruner))
+    study = optuna.load_study(study_name=name, storage=storage, pruner=make_pruner(sweeper.pruner))
     if len(study.directions) > 1:
         return None
-    study_id = storage.get_study_id_from_name(sweeper.study_name)
+    study_id = storage.get_study_id_from_name(name)
     trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, hydra_cfg.job.num)
     return optuna.trial.Trial(study, trial_id)

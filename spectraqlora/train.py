@@ -25,7 +25,7 @@ from spectraqlora import checkpoint, distributed, exports, rundir, telemetry
 from spectraqlora.config import CONF_DIR, RankAllocation, Strategy, TrainConfig, to_train_config
 from spectraqlora.errors import Interrupted, NonFiniteLoss, OutOfMemory, UserError, exit_on_user_error
 from spectraqlora.selection import check_layers, check_ranks_fit, selection_record, snr_ranks
-from spectraqlora.sweep import current_trial
+from spectraqlora.sweep import current_trial, study_name
 from spectraqlora.telemetry import RunInfo
 
 log = logging.getLogger("spectraqlora.train")
@@ -288,8 +288,7 @@ def run_info(hydra_cfg) -> RunInfo:
     name = ",".join(o for o in hydra_cfg.overrides.task if not o.startswith("hydra.")) or "default"
     if hydra_cfg.mode is not RunMode.MULTIRUN:
         return RunInfo(name=name, stop_on_signal=not distributed.launched())
-    sweep_dir = Path(hydra_cfg.sweep.dir)
-    group = hydra_cfg.sweeper.get("study_name") or f"{sweep_dir.parent.name}_{sweep_dir.name}"
+    group = study_name(hydra_cfg.sweeper, hydra_cfg.sweep.dir)
     return RunInfo(name=name, group=group, job_type="sweep-trial", trial=current_trial(hydra_cfg))
 
 

@@ -76,7 +76,7 @@ def test_failed_and_pruned_trials_of_a_job_array_are_recorded_and_the_sweep_goes
         "lora.r=choice(0,8)", "trainer.learning_rate=choice(1e-7,1e-2)", env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert (result.stdout + result.stderr).count("Submitit 'local' sweep output dir") == 2  # 2 x 2
-    study = load(sweep_dir, "spectraqlora")
+    study = load(sweep_dir, f"{tmp_path.name}_sweep")  # study_name null: from the sweep dir
     assert states(study) == ["COMPLETE", "FAIL", "FAIL", "PRUNED"]
     for t in study.trials:
         assert t.user_attrs["run_dir"] == str(sweep_dir / str(t.number))  # job n = trial n
@@ -155,7 +155,10 @@ def test_search_space_syntax_matches_hydra_optuna_sweeper():
     assert parsed("a=int(interval(1, 10))") == IntDistribution(1, 10)
     assert parsed("a=tag(log, interval(1e-5, 1e-2))") == FloatDistribution(1e-5, 1e-2, log=True)
     assert parsed("a=choice(4, 8, 16)") == CategoricalDistribution([4, 8, 16])
-    assert parsed("a=range(1, 5)") == IntDistribution(1, 4)
+    # range includes its end, as the peer reads it (Hydra's basic sweeper and Python stop before)
+    assert parsed("a=range(1, 5)") == IntDistribution(1, 5)
+    assert parsed("a=range(1, 9, 2)") == IntDistribution(1, 9, step=2)
+    assert parsed("a=range(0.5, 5.5, step=1)") == FloatDistribution(0.5, 5.5, step=1)
     assert parsed("a=3") is None
 
 

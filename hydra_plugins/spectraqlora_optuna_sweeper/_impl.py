@@ -5,11 +5,13 @@ study-wide lock, so that they start exactly n_trials between them. Job number = 
 so `<sweep dir>/<n>/` is trial n across resumes and workers. A trial that fails, gives NaN or
 runs out of memory is recorded FAIL with its error and the sweep goes on; a trial whose worker
 died is FAIL once its heartbeat is older than the grace period, and no worker leaves while a
-trial is RUNNING. Results files are rewritten (atomically) after every trial; the worker that
-ends the study writes the W&B summary.
+trial is RUNNING. Results files are rewritten (atomically) after every trial, plots at most every
+PLOT_EVERY_S and at the end; the worker that ends the study writes the W&B summary.
 """
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import logging
 import math
 import os
@@ -29,18 +31,21 @@ from hydra.core.override_parser.types import (ChoiceSweep, IntervalSweep, Overri
                                               Transformer)
 from hydra.core.plugins import Plugins
 from hydra.core.utils import JobStatus
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from spectraqlora import rundir, telemetry
 from spectraqlora.errors import UserError, exit_on_user_error
-from spectraqlora.sweep import make_pruner, make_storage, storage_url, study_lock
+from spectraqlora.sweep import make_pruner, make_storage, storage_url, study_lock, study_name
 
 log = logging.getLogger(__name__)
 State = optuna.trial.TrialState
 RESULTS = "optimization_results.yaml"
 HEARTBEAT = "heartbeat"  # trial user attr: time.time() of the worker's last sign of life
 SUMMARY = "summary_written_at"  # study user attr: trial count when the W&B summary was written
+_SAMPLER_PACKAGES = {"CmaEsSampler": ("cmaes", "cmaes")}  # optuna sampler -> (package, our extra)
+PLOT_EVERY_S = 60  # plots are redrawn at most this often while a sweep runs, and at its end
 
 
 def distribution(override: Override):
@@ -54,15 +59,42 @@ def distribution(override: Override):
     if isinstance(value, ChoiceSweep) or (isinstance(value, RangeSweep) and value.shuffle):
         return CategoricalDistribution(list(override.sweep_iterator(transformer=Transformer.encode)))
     if isinstance(value, RangeSweep):
+        # range(a, b, step) includes b when it is on the step grid, for ints and floats alike, as
+        # hydra-optuna-sweeper reads it (Hydra's basic sweeper, like Python, stops before b)
         if any(isinstance(v, float) for v in (value.start, value.stop, value.step)):
             return FloatDistribution(value.start, value.stop, step=value.step)
-        return IntDistribution(int(value.start), int(value.stop) - 1, step=int(value.step))
+        return IntDistribution(int(value.start), int(value.stop), step=int(value.step))
     if isinstance(value, IntervalSweep):
         log_scale = "log" in value.tags
         if isinstance(value.start, int) and isinstance(value.end, int):
             return IntDistribution(value.start, value.end, log=log_scale)
         return FloatDistribution(value.start, value.end, log=log_scale)
     raise UserError(f"{override.input_line}: not a search space Optuna can sample")
+
+
+def removed_sampler(name: str, seed=None):
+    raise UserError(f"hydra/sweeper/sampler={name}: MOTPESampler was removed from Optuna (deprecated "
+                    f"since 2.9); TPESampler handles several objectives: use hydra/sweeper/sampler=tpe "
+                    f"(or nsgaii)")
+
+
+def trial_seed(seed: int, trial: int) -> int:
+    """The sampler's seed before it asks trial `trial` of a study seeded `seed`: a hash, so that
+    different seeds give unrelated sequences (seed + trial made seed 124's trials 0-6 those of
+    seed 123's 1-7) and every trial, whichever worker asks it, has a stream of its own."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{trial}".encode()).digest()[:4], "little")
+
+
+def grid_values(name: str, dist) -> list:
+    """A grid sampler's values for one param: its choices, or every point of a stepped range."""
+    from optuna.distributions import CategoricalDistribution
+
+    if isinstance(dist, CategoricalDistribution):
+        return list(dist.choices)
+    if dist.step is None or dist.log:
+        raise UserError(f"sampler=grid needs choice(...) or range(...) params; {name} is an interval")
+    count = round((dist.high - dist.low) / dist.step) + 1
+    return [dist.low + i * dist.step for i in range(count)]
 
 
 def suggest(trial: optuna.Trial, name: str, dist) -> Any:
@@ -125,6 +157,7 @@ class SweeperImpl:
         self.directions = list(direction) if isinstance(direction, (list, ListConfig)) else [direction]
         self.objectives = list(objectives) if objectives else None
         self.storage, self.study_name, self.params = storage, study_name, params or {}
+        self.plotted_at = time.monotonic()  # of the last plots (or the start)
         self.n_trials, self.n_jobs, self.max_failure_rate = n_trials, n_jobs, max_failure_rate
         self.heartbeat_interval = heartbeat_interval
         self.grace_period = grace_period or 2 * heartbeat_interval
@@ -135,6 +168,7 @@ class SweeperImpl:
         self.launcher = Plugins.instance().instantiate_launcher(
             hydra_context=hydra_context, task_function=task_function, config=config)
         self.sweep_dir = Path(config.hydra.sweep.dir)
+        self.study_name = study_name(config.hydra.sweeper, self.sweep_dir)
         # Hydra's own launcher runs jobs in this process: n_jobs > 1 means that many worker
         # processes. Any other (submitit on SLURM, joblib) gets n_jobs trials per launch: one
         # job array.
@@ -249,6 +283,10 @@ class SweeperImpl:
         except (UserError, OSError, KeyError, TypeError, ValueError) as exc:
             self._fail(study, trial, f"no objective: {exc}")
             return
+        if len(values) != len(self.directions):
+            self._fail(study, trial, f"the task returned {len(values)} value(s) {values} for "
+                                     f"{len(self.directions)} objective(s) (hydra.sweeper.direction)")
+            return
         if not all(math.isfinite(v) for v in values):
             self._fail(study, trial, f"objective is {values}")
             return
@@ -309,25 +347,30 @@ class SweeperImpl:
             else:
                 space[key] = dist
         if not space:
-            raise UserError("nothing to search: give hydra.sweeper.params (or hparams_search=snr_rank)")
+            log.info("no search space (hydra.sweeper.params): n_trials=%d runs of the fixed config",
+                     self.n_trials)
         return fixed, space
 
     def _sampler(self, space: dict, existing: int):
-        """The configured sampler, its seed moved on by the trials the study has: a resumed
-        study does not replay its parameters, and workers sharing a study never draw from the
-        same random stream."""
-        from optuna.distributions import CategoricalDistribution
-
+        """The configured sampler, seeded for the trial it is about to ask (trial_seed): a
+        resumed study does not replay its parameters, and workers sharing a study never draw
+        from the same random stream."""
         kwargs = {}
         seed = self.sampler_cfg.get("seed")
-        if seed is not None and existing:
-            kwargs["seed"] = seed + existing
+        if seed is not None:
+            kwargs["seed"] = trial_seed(seed, existing)
         if self.sampler_cfg._target_.endswith("GridSampler") and not self.sampler_cfg.get("search_space"):
-            continuous = [k for k, d in space.items() if not isinstance(d, CategoricalDistribution)]
-            if continuous:
-                raise UserError(f"sampler=grid needs choice(...) params; {continuous[0]} is not")
-            kwargs["search_space"] = {k: list(d.choices) for k, d in space.items()}
-        return instantiate(self.sampler_cfg, **kwargs)
+            kwargs["search_space"] = {k: grid_values(k, d) for k, d in space.items()}
+        for cls, (package, extra) in _SAMPLER_PACKAGES.items():  # optuna imports them at the first ask
+            if self.sampler_cfg._target_.endswith(cls) and importlib.util.find_spec(package) is None:
+                raise UserError(f"hydra/sweeper/sampler: {cls} needs the {package} package: "
+                                f"pip install \"spectraqlora[{extra}]\"")
+        try:
+            return instantiate(self.sampler_cfg, **kwargs)
+        except InstantiationException as exc:
+            if isinstance(exc.__cause__, UserError):  # sampler=motpe
+                raise exc.__cause__ from None
+            raise UserError(f"hydra/sweeper/sampler: {str(exc).splitlines()[0]}") from None
 
     def _fail_dead_trials(self, study: optuna.Study) -> None:
         """FAIL the trials left RUNNING by a dead worker (call under the study lock): those of
@@ -419,7 +462,8 @@ class SweeperImpl:
     def _write_results(self, study: optuna.Study, final: bool = False) -> None:
         trials = study.get_trials(deepcopy=False)
         results = {
-            "name": "spectraqlora_optuna",
+            "name": "optuna",  # hydra-optuna-sweeper's fields first: name, best_params, best_value
+            "sweeper": "spectraqlora_optuna",
             "study_name": self.study_name,
             "storage": self._shown_url(),
             "directions": self.directions,
@@ -432,6 +476,8 @@ class SweeperImpl:
             results.update(best_trial=best.number, best_value=best.value, best_params=best.params,
                            best_run_dir=best.user_attrs.get("run_dir"))
         elif complete:
+            results["solutions"] = [{"params": t.params, "values": list(t.values)}
+                                    for t in sorted(study.best_trials, key=lambda t: t.number)]
             results["pareto_front"] = [
                 {"trial": t.number, "values": dict(zip(self._objective_names(), t.values)),
                  "params": t.params, "run_dir": t.user_attrs.get("run_dir")}
@@ -439,7 +485,10 @@ class SweeperImpl:
         rundir.write_text(self.sweep_dir / RESULTS, OmegaConf.to_yaml(OmegaConf.create(results)))
         table = study.trials_dataframe()
         rundir.write_text(self.sweep_dir / "trials.csv", table.to_csv(index=False))
-        plots = self._plots(study, len(complete))
+        plots = []
+        if final or time.monotonic() - self.plotted_at >= PLOT_EVERY_S:
+            plots = self._plots(study, len(complete))
+            self.plotted_at = time.monotonic()
         if final:
             log.info("%s:\n%s", self.sweep_dir / RESULTS, (self.sweep_dir / RESULTS).read_text())
             if self._claim_summary(study):

@@ -8,14 +8,88 @@ from hydra.core.config_store import ConfigStore
 
 @dataclass
 class SamplerConfig:
-    _target_: str = "optuna.samplers.TPESampler"
+    """Every sampler config takes the keys of its optuna class (and of hydra-optuna-sweeper's
+    config of the same name); null means optuna's own default."""
+
+    _target_: str = "optuna.samplers.RandomSampler"
     seed: Optional[int] = None
+
+
+@dataclass
+class TPESamplerConfig(SamplerConfig):
+    _target_: str = "optuna.samplers.TPESampler"
+    consider_prior: Optional[bool] = None
+    prior_weight: Optional[float] = None
+    consider_magic_clip: Optional[bool] = None
+    consider_endpoints: Optional[bool] = None
+    n_startup_trials: int = 10
+    n_ei_candidates: int = 24
+    multivariate: Optional[bool] = None  # null: optuna 5's default (true)
+    group: bool = False
+    warn_independent_sampling: Optional[bool] = None
+    constant_liar: bool = True  # optuna 5's default (hydra-optuna-sweeper: false)
+
+
+@dataclass
+class CmaEsSamplerConfig(SamplerConfig):
+    """Needs the cmaes package: pip install "spectraqlora[cmaes]"."""
+
+    _target_: str = "optuna.samplers.CmaEsSampler"
+    x0: Optional[Dict[str, Any]] = None
+    sigma0: Optional[float] = None
+    n_startup_trials: int = 1
+    independent_sampler: Optional[Any] = None
+    warn_independent_sampling: bool = True
+    consider_pruned_trials: bool = False
+    restart_strategy: Optional[str] = None
+    popsize: Optional[int] = None
+    inc_popsize: int = -1
+    use_separable_cma: bool = False
+    with_margin: bool = False
+    lr_adapt: bool = False
+
+
+@dataclass
+class NSGAIISamplerConfig(SamplerConfig):
+    _target_: str = "optuna.samplers.NSGAIISampler"
+    population_size: int = 50
+    mutation_prob: Optional[float] = None
+    crossover_prob: float = 0.9
+    swapping_prob: float = 0.5
+
+
+@dataclass
+class QMCSamplerConfig(SamplerConfig):
+    _target_: str = "optuna.samplers.QMCSampler"
+    qmc_type: str = "sobol"
+    scramble: bool = False
+    independent_sampler: Optional[Any] = None
+    warn_asynchronous_seeding: bool = True
+    warn_independent_sampling: bool = True
+
+
+@dataclass
+class GPSamplerConfig(SamplerConfig):
+    _target_: str = "optuna.samplers.GPSampler"
+    n_startup_trials: int = 10
+    deterministic_objective: bool = False
+    independent_sampler: Optional[Any] = None
+    warn_independent_sampling: bool = True
 
 
 @dataclass
 class GridSamplerConfig(SamplerConfig):
     _target_: str = "optuna.samplers.GridSampler"
-    search_space: Optional[Dict[str, Any]] = None  # null: built from `params` (choices only)
+    search_space: Optional[Dict[str, Any]] = None  # null: built from `params` (choice and range)
+
+
+@dataclass
+class RemovedSamplerConfig:
+    """A sampler optuna no longer has: choosing it is one clear error."""
+
+    _target_: str = "hydra_plugins.spectraqlora_optuna_sweeper._impl.removed_sampler"
+    name: str = "motpe"
+    seed: Optional[int] = None
 
 
 @dataclass
@@ -65,7 +139,8 @@ class SpectraOptunaSweeperConf:
     # workers on many machines, or journal:///<path> for a JournalStorage file on a shared
     # file system
     storage: Optional[str] = None
-    study_name: str = "spectraqlora"
+    # null: derived from the sweep dir (give one for workers on several machines)
+    study_name: Optional[str] = None
     n_trials: int = 20  # in total, across resumes and all workers of the study
     # Hydra's own launcher: that many workers on this machine, each asking for its next trial;
     # another launcher (submitit on SLURM): that many trials per launch, one job array
@@ -81,12 +156,11 @@ def register() -> None:
     cs = ConfigStore.instance()
     cs.store(group="hydra/sweeper", name="spectraqlora_optuna", node=SpectraOptunaSweeperConf,
              provider="spectraqlora")
-    samplers = {"tpe": "TPESampler", "random": "RandomSampler", "cmaes": "CmaEsSampler",
-                "gp": "GPSampler", "nsgaii": "NSGAIISampler"}
-    for name, cls in samplers.items():
-        cs.store(group="hydra/sweeper/sampler", name=name, provider="spectraqlora",
-                 node=SamplerConfig(_target_=f"optuna.samplers.{cls}"))
-    cs.store(group="hydra/sweeper/sampler", name="grid", node=GridSamplerConfig, provider="spectraqlora")
+    samplers = {"tpe": TPESamplerConfig, "random": SamplerConfig, "cmaes": CmaEsSamplerConfig,
+                "gp": GPSamplerConfig, "nsgaii": NSGAIISamplerConfig, "qmc": QMCSamplerConfig,
+                "grid": GridSamplerConfig, "motpe": RemovedSamplerConfig}
+    for name, node in samplers.items():
+        cs.store(group="hydra/sweeper/sampler", name=name, node=node, provider="spectraqlora")
     for name, node in {"median": MedianPrunerConfig, "hyperband": HyperbandPrunerConfig,
                        "threshold": ThresholdPrunerConfig, "none": NopPrunerConfig}.items():
         cs.store(group="hydra/sweeper/pruner", name=name, node=node, provider="spectraqlora")

@@ -1,0 +1,113 @@
+"""The sweeper on a trivial Hydra app (tests/apps/gated.py, no model): what a config written for
+hydra-optuna-sweeper expects, and the defects found by running its suite and ours."""
+import subprocess
+import sys
+import time
+
+import optuna
+import yaml
+
+from conftest import ROOT
+from hydra_plugins.spectraqlora_optuna_sweeper._impl import trial_seed
+
+APP = ROOT / "tests" / "apps" / "gated.py"
+
+
+def sweep(tmp_path, *overrides):
+    result = subprocess.run([sys.executable, str(APP), "-m", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+                             *overrides], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    sweep_dir = tmp_path / "sweep"
+    return result, sweep_dir, yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
+
+
+def trials(sweep_dir, name="gated"):
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{sweep_dir / 'optuna.db'}").trials
+
+
+def test_a_wrong_number_of_returned_values_fails_the_trial_with_a_clear_error(tmp_path):
+    result, sweep_dir, results = sweep(tmp_path, "returns=[1.0,2.0]", "hydra.sweeper.n_trials=1")
+    assert result.returncode == 2  # the one trial failed: more than max_failure_rate
+    (trial,) = trials(sweep_dir)
+    assert trial.state.name == "FAIL"
+    assert trial.user_attrs["error"] == ("the task returned 2 value(s) [1.0, 2.0] for 1 objective(s) "
+                                         "(hydra.sweeper.direction)")
+    assert results["trials"] == {"FAIL": 1}
+
+
+def test_multi_objective_results_carry_the_peers_solutions(tmp_path):
+    result, sweep_dir, results = sweep(tmp_path, "returns=[1.0,2.0]", "hydra.sweeper.n_trials=2",
+                                       "hydra.sweeper.direction=[minimize,maximize]")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert results["name"] == "optuna" and results["trials"] == {"COMPLETE": 2}
+    assert [s["values"] for s in results["solutions"]] == [[1.0, 2.0], [1.0, 2.0]]
+    assert all(set(s["params"]) == {"x"} for s in results["solutions"])
+    assert (sweep_dir / "pareto_front.png").is_file()
+
+
+def test_int_range_includes_its_end_and_a_grid_is_built_from_it(tmp_path):
+    """As hydra-optuna-sweeper reads range(1, 3): 1, 2 and 3 (Hydra's basic sweeper stops at 2)."""
+    result, sweep_dir, results = sweep(tmp_path, "hydra/sweeper/sampler=grid", "x=range(1,3)",
+                                       "hydra.sweeper.n_trials=5")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(t.params["x"] for t in trials(sweep_dir)) == [1, 2, 3]  # the grid ran out
+    assert results["best_params"] == {"x": 1} and results["best_value"] == 1
+
+
+def test_no_study_name_and_no_search_space_run_the_fixed_config(tmp_path):
+    began = time.monotonic()
+    result, sweep_dir, results = sweep(tmp_path, "hydra.sweeper.study_name=null",
+                                       "hydra.sweeper.params=null", "x=0.5", "hydra.sweeper.n_trials=20")
+    took = time.monotonic() - began
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert results["study_name"] == f"{tmp_path.name}_sweep"  # from the sweep dir
+    done = trials(sweep_dir, results["study_name"])
+    assert [(t.state.name, t.params, t.value) for t in done] == [("COMPLETE", {}, 0.5)] * 20
+    print(f"20 trivial trials: {took:.1f} s")  # docs/benchmarks.md: the peer took 1.6 s, we 9.2 s before
+
+
+def test_trial_seeds_of_neighbouring_study_seeds_are_unrelated():
+    """seed + trials-so-far made seed 124's trials 0-6 those of seed 123's trials 1-7."""
+    a = [trial_seed(123, n) for n in range(8)]
+    b = [trial_seed(124, n) for n in range(8)]
+    assert not set(a) & set(b) and len(set(a)) == 8
+    assert a == [trial_seed(123, n) for n in range(8)]  # reproducible
+
+
+def sampler_of(*overrides):
+    """The sampler spectraqlora's sweeper builds for `hparams_search=snr_rank` + overrides."""
+    from hydra import compose, initialize_config_dir
+
+    from hydra_plugins.spectraqlora_optuna_sweeper._impl import SweeperImpl
+    from spectraqlora.config import CONF_DIR
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", return_hydra_config=True,
+                      overrides=["hparams_search=snr_rank", *overrides])
+    sweeper = SweeperImpl(cfg.hydra.sweeper.sampler, None, "minimize", None, None, "s", 1, 1, 0.5, 60, None, None)
+    return sweeper._sampler({}, 0)
+
+
+def test_the_peers_sampler_keys_are_ours():
+    tpe = sampler_of("hydra.sweeper.sampler.n_startup_trials=5", "hydra.sweeper.sampler.multivariate=true",
+                     "hydra.sweeper.sampler.constant_liar=false", "hydra.sweeper.sampler.seed=1")
+    assert type(tpe).__name__ == "TPESampler"
+    assert (tpe._n_startup_trials, tpe._multivariate, tpe._constant_liar) == (5, True, False)
+    nsga = sampler_of("hydra/sweeper/sampler=nsgaii", "hydra.sweeper.sampler.population_size=8")
+    assert (type(nsga).__name__, nsga._population_size) == ("NSGAIISampler", 8)
+    assert type(sampler_of("hydra/sweeper/sampler=qmc", "hydra.sweeper.sampler.scramble=true")).__name__ == "QMCSampler"
+
+
+def test_removed_and_uninstalled_samplers_are_one_line():
+    import importlib.util
+
+    import pytest
+
+    from spectraqlora.errors import UserError
+
+    with pytest.raises(UserError, match=r"^hydra/sweeper/sampler=motpe: MOTPESampler was removed from Optuna"):
+        sampler_of("hydra/sweeper/sampler=motpe")
+    if importlib.util.find_spec("cmaes") is None:
+        with pytest.raises(UserError, match=r'CmaEsSampler needs the cmaes package: pip install "spectraqlora\[cmaes\]"'):
+            sampler_of("hydra/sweeper/sampler=cmaes")
+    else:
+        assert type(sampler_of("hydra/sweeper/sampler=cmaes")).__name__ == "CmaEsSampler"
