@@ -126,7 +126,8 @@ def test_two_workers_share_a_postgresql_study_and_a_killed_workers_trial_fails(t
     worker b has finished one trial and started its second; b is SIGKILLed mid-trial just before
     a's last trial ends (trials block until released, so the moments are certain): a, which
     finds b's trial RUNNING with a fresh heartbeat, must wait until it is FAIL (by heartbeat
-    when b runs under another host name, by its dead pid otherwise) before it leaves."""
+    when b runs under another host name, by its dead pid otherwise), and then run one more in
+    its place: n_trials counts trials that ran to their end."""
     n_trials, gate = 4, Gate(tmp_path / "gate")
     cmd = [sys.executable, str(ROOT / "tests" / "apps" / "gated.py"), "-m", f"gate={gate.path}",
            f"hydra.sweeper.storage={postgres}", f"hydra.sweeper.n_trials={n_trials}",
@@ -148,7 +149,7 @@ def test_two_workers_share_a_postgresql_study_and_a_killed_workers_trial_fails(t
                     continue
                 if pid == b.pid and len(held_by_b) == len([t for t, p in started if p == b.pid]):
                     gate.release(trial)  # b's first trial
-                elif pid == a.pid and held_by_b and len(started) < n_trials:
+                elif pid == a.pid and (killed is not None or held_by_b and len(started) < n_trials):
                     gate.release(trial)  # a's trials once b is in its second
                 elif pid == a.pid and held_by_b:  # a's last trial: kill b, then let a end at once
                     b.kill()
@@ -161,26 +162,27 @@ def test_two_workers_share_a_postgresql_study_and_a_killed_workers_trial_fails(t
     finally:
         for worker in (a, b):
             worker.kill()
-    assert [t for t, _ in gate.started()] == list(range(n_trials))  # each trial started once
+    # each trial started once; b's lost trial was asked again: n_trials ran to their end
+    assert [t for t, _ in gate.started()] == list(range(n_trials + 1))
     url = storage_url(postgres, None)
     trials = optuna.load_study(study_name="gated", storage=url).trials
-    assert sorted(t.number for t in trials) == list(range(n_trials))  # exactly n_trials
     assert [t.number for t in trials if t.state.name == "RUNNING"] == []  # a waited for b's trial
     (failed,) = [t for t in trials if t.state.name == "FAIL"]
     assert (failed.number, failed.user_attrs["worker_pid"]) == (killed, b.pid)
+    assert failed.user_attrs["worker_lost"]  # not a failure of its own
     if remote:  # another host name: only its silence tells
         assert failed.user_attrs["worker_host"] == "worker-b"
         assert "no heartbeat for" in failed.user_attrs["error"], failed.user_attrs["error"]
     assert "died" in failed.user_attrs["error"]
     complete = [t for t in trials if t.state.name == "COMPLETE"]
-    assert len(complete) == n_trials - 1
+    assert len(complete) == n_trials
     assert {t.user_attrs["worker_pid"] for t in complete} == {a.pid, b.pid}  # both did work
     for t in complete:  # every result is in its own run dir
         assert t.user_attrs["run_dir"] == str(tmp_path / "sweep" / str(t.number))
         assert float((tmp_path / "sweep" / str(t.number) / "result.txt").read_text()) == t.value
     assert not (tmp_path / "sweep" / str(killed) / "result.txt").exists()
     results = yaml.safe_load((tmp_path / "sweep" / "optimization_results.yaml").read_text())
-    assert results["trials"] == {"COMPLETE": n_trials - 1, "FAIL": 1}
+    assert results["trials"] == {"COMPLETE": n_trials, "FAIL": 1}
     assert results["storage"] == url
 
 

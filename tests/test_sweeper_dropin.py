@@ -65,6 +65,14 @@ def test_no_study_name_and_no_search_space_run_the_fixed_config(tmp_path):
     print(f"20 trivial trials: {took:.1f} s")  # docs/benchmarks.md: the peer took 1.6 s, we 9.2 s before
 
 
+def test_hydra_callbacks_run_once_for_a_sweep_with_local_workers(tmp_path):
+    result, _, results = sweep(tmp_path, "hydra.sweeper.n_jobs=2", "hydra.sweeper.n_trials=4",
+                               "+hydra.callbacks.mark._target_=__main__.Mark")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert results["trials"] == {"COMPLETE": 4}
+    assert (tmp_path / "callbacks.log").read_text().split() == ["start", "end"]  # not per worker
+
+
 def test_trial_seeds_of_neighbouring_study_seeds_are_unrelated():
     """seed + trials-so-far made seed 124's trials 0-6 those of seed 123's trials 1-7."""
     a = [trial_seed(123, n) for n in range(8)]

@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 State = optuna.trial.TrialState
 RESULTS = "optimization_results.yaml"
 HEARTBEAT = "heartbeat"  # trial user attr: time.time() of the worker's last sign of life
+LOST = "worker_lost"  # trial user attr: FAIL because its worker died or was stopped, not by its own error
 SUMMARY = "summary_written_at"  # study user attr: trial count when the W&B summary was written
 _SAMPLER_PACKAGES = {"CmaEsSampler": ("cmaes", "cmaes")}  # optuna sampler -> (package, our extra)
 PLOT_EVERY_S = 60  # plots are redrawn at most this often while a sweep runs, and at its end
@@ -115,6 +116,11 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _lost(trial: optuna.trial.FrozenTrial) -> bool:
+    """FAIL because its worker died or was stopped: neither counted in n_trials nor a failure."""
+    return trial.state is State.FAIL and bool(trial.user_attrs.get(LOST))
 
 
 def _silence(trial: optuna.trial.FrozenTrial) -> float:
@@ -205,14 +211,16 @@ class SweeperImpl:
                  done, max(0, self.n_trials - done))
         workers = self._spawn_workers()
         try:
-            while trials := self._next_trials(study, space):
-                self._run(study, trials, fixed, space)
-                self._write_results(study)
+            while True:
+                if trials := self._next_trials(study, space):
+                    self._run(study, trials, fixed, space)
+                    self._write_results(study)
+                elif not self._wait_for_running_trials(study):  # a lost trial frees its place
+                    break
         finally:
             for worker in workers:
                 if worker.wait() != 0:
                     log.warning("sweep worker pid %d exited with %d", worker.pid, worker.returncode)
-        self._wait_for_running_trials(study)
         self._write_results(study, final=True)
         if stop := self._failure_stop(study):
             raise UserError(stop)
@@ -222,17 +230,17 @@ class SweeperImpl:
 
     def _next_trials(self, study: optuna.Study, space: dict) -> list[optuna.Trial]:
         """The next trials for this worker (n_jobs of them for a remote launcher, else one),
-        none once the study has n_trials; asked under the study lock, so their numbers follow
-        each other and no worker starts one too many."""
+        none once the study has n_trials that ran or run (lost ones do not count); asked under
+        the study lock, so their numbers follow each other and no worker starts one too many."""
         with self._lock():
             self._fail_dead_trials(study)
             stop = self._failure_stop(study)
-            existing = len(study.get_trials(deepcopy=False))
-            left = self.n_trials - existing
+            every = study.get_trials(deepcopy=False)
+            left = self.n_trials - sum(not _lost(t) for t in every)  # a lost trial is asked again
             if stop or self.exhausted or left <= 0:
                 trials = []
             else:
-                study.sampler = self._sampler(space, existing)
+                study.sampler = self._sampler(space, len(every))
                 trials = [study.ask() for _ in range(1 if self.local else min(self.n_jobs, left))]
         if stop:
             self._write_results(study, final=True)
@@ -253,6 +261,7 @@ class SweeperImpl:
             returns = self.launcher.launch(jobs, initial_job_idx=trials[0].number)
         except BaseException as exc:  # Ctrl-C, or a launcher that died: never left RUNNING
             for trial in trials:
+                trial.set_user_attr(LOST, True)
                 self._fail(study, trial, f"interrupted: {type(exc).__name__}")
             raise
         finally:
@@ -387,21 +396,22 @@ class SweeperImpl:
             else:
                 continue
             self.storage_obj.set_trial_user_attr(t._trial_id, "error", error)
+            self.storage_obj.set_trial_user_attr(t._trial_id, LOST, True)
             self._tell(study, t.number, state=State.FAIL)
             log.warning("trial %d FAIL: %s", t.number, error)
 
-    def _wait_for_running_trials(self, study: optuna.Study) -> None:
+    def _wait_for_running_trials(self, study: optuna.Study) -> bool:
         """Before leaving, wait until no trial is RUNNING: each one finishes in its own worker
         or, once its heartbeat is older than the grace period, is FAIL here. Leaving earlier,
         whatever the age of a running trial, could leave it RUNNING for good if its worker has
-        just died."""
+        just died. True when it waited (a lost trial may have freed a place to ask again)."""
         shown = None
         while True:
             with self._lock():
                 self._fail_dead_trials(study)
             running = [t.number for t in study.get_trials(deepcopy=False, states=(State.RUNNING,))]
             if not running:
-                return
+                return shown is not None
             if running != shown:
                 log.info("waiting for trials %s of other workers to finish (FAIL after %d s "
                          "without a heartbeat)", running, self.grace_period)
@@ -415,7 +425,9 @@ class SweeperImpl:
             return []
         cmd = [sys.executable, *sys.orig_argv[1:], "hydra.sweeper.n_jobs=1",
                f"hydra.sweeper.storage={self.url}", f"hydra.sweeper.study_name={self.study_name}",
-               f"hydra.sweep.dir={self.sweep_dir.resolve()}"]
+               f"hydra.sweep.dir={self.sweep_dir.resolve()}",
+               # Hydra's callbacks (on_multirun_start/end: reports) run once, in this process
+               *(f"~hydra.callbacks.{name}" for name in self.config.hydra.callbacks or {})]
         log.info("starting %d more sweep workers", self.n_jobs - 1)
         gpus = self._gpus()
         if gpus:
@@ -436,7 +448,7 @@ class SweeperImpl:
 
     def _failure_stop(self, study: optuna.Study) -> str | None:
         """The error that stops the sweep once too many trials failed, else None."""
-        failed = study.get_trials(deepcopy=False, states=(State.FAIL,))
+        failed = [t for t in study.get_trials(deepcopy=False, states=(State.FAIL,)) if not _lost(t)]
         if len(failed) <= self.max_failure_rate * self.n_trials:
             return None
         return (f"sweep stopped: {len(failed)} trials failed, more than hydra.sweeper."

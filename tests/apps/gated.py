@@ -8,7 +8,21 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
+
+
+class Mark(Callback):
+    """`+hydra.callbacks.mark._target_=__main__.Mark`: a line in ./callbacks.log per multirun
+    start and end, from whichever process runs it."""
+
+    def on_multirun_start(self, config, **kwargs):
+        with open("callbacks.log", "a") as f:
+            f.write("start\n")
+
+    def on_multirun_end(self, config, **kwargs):
+        with open("callbacks.log", "a") as f:
+            f.write("end\n")
 
 
 @hydra.main(config_path=".", config_name="gated", version_base="1.3")
