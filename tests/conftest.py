@@ -52,3 +52,20 @@ def compose(*overrides: str):
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return hydra_compose(config_name="train", overrides=list(overrides))
+
+
+class Gate:
+    """Drives tests/apps/gated.py: which trial each worker started, and releasing them."""
+
+    def __init__(self, path: Path):
+        self.path, self.released = path, set()
+        path.mkdir()
+
+    def started(self) -> list[tuple[int, int]]:
+        """(trial, worker pid) for every trial started so far, a trial twice if run twice."""
+        return sorted((int(num), int(pid)) for _, num, pid in
+                      (f.name.split(".") for f in self.path.glob("started.*")))
+
+    def release(self, trial: int) -> None:
+        (self.path / f"release.{trial}").touch()
+        self.released.add(trial)

@@ -13,14 +13,12 @@ import sys
 import tempfile
 import time
 
-from pathlib import Path
-
 import optuna
 import psycopg
 import pytest
 import yaml
 
-from conftest import ROOT
+from conftest import ROOT, Gate
 from spectraqlora.sweep import make_storage, storage_url
 
 
@@ -102,23 +100,6 @@ def test_workers_started_together_on_an_empty_database_create_the_schema_once(po
             worker.join(timeout=60)
         assert [w.exitcode for w in workers] == [0] * 4, errors.get(timeout=1)
         optuna.create_study(study_name="after", storage=url)  # the schema is complete
-
-
-class Gate:
-    """Drives tests/apps/gated.py: which trial each worker started, and releasing them."""
-
-    def __init__(self, path: Path):
-        self.path, self.released = path, set()
-        path.mkdir()
-
-    def started(self) -> list[tuple[int, int]]:
-        """(trial, worker pid) for every trial started so far, a trial twice if run twice."""
-        return sorted((int(num), int(pid)) for _, num, pid in
-                      (f.name.split(".") for f in self.path.glob("started.*")))
-
-    def release(self, trial: int) -> None:
-        (self.path / f"release.{trial}").touch()
-        self.released.add(trial)
 
 
 def test_two_workers_share_a_postgresql_study_and_a_killed_workers_trial_fails(tmp_path, postgres):

@@ -104,7 +104,7 @@ def test_too_many_failures_stop_the_sweep_with_a_clear_error(tmp_path):
 def test_pareto_sweep_with_two_workers_on_a_journal_file_and_a_wandb_summary(tmp_path):
     journal = tmp_path / "journal.log"
     result, sweep_dir = sweep(tmp_path, "hparams_search=snr_rank_pareto", "hydra.sweeper.n_trials=4",
-                              "hydra.sweeper.n_jobs=2", "hydra.sweeper.sampler.seed=1", "logger=wandb",
+                              "hydra.sweeper.workers=2", "hydra.sweeper.sampler.seed=1", "logger=wandb",
                               f"hydra.sweeper.storage=journal://{journal}", env={"WANDB_MODE": "offline"})
     assert result.returncode == 0, result.stderr[-3000:]
     study = optuna.load_study(study_name="snr_rank_pareto", storage=optuna.storages.JournalStorage(

@@ -7,7 +7,7 @@ import time
 import optuna
 import yaml
 
-from conftest import ROOT
+from conftest import ROOT, Gate
 from hydra_plugins.spectraqlora_optuna_sweeper._impl import trial_seed
 
 APP = ROOT / "tests" / "apps" / "gated.py"
@@ -65,12 +65,57 @@ def test_no_study_name_and_no_search_space_run_the_fixed_config(tmp_path):
     print(f"20 trivial trials: {took:.1f} s")  # docs/benchmarks.md: the peer took 1.6 s, we 9.2 s before
 
 
+def test_a_custom_search_space_adds_params_and_fixed_ones_are_user_attrs(tmp_path):
+    result, sweep_dir, _ = sweep(tmp_path, "hydra.sweeper.custom_search_space=__main__.configure",
+                                 "hydra.sweeper.n_trials=3", "returns=0.25")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for t in trials(sweep_dir):
+        assert set(t.params) == {"x", "y"} and abs(t.params["y"] - t.params["x"]) <= 0.5
+        assert t.user_attrs["returns"] == "0.25"  # a fixed param, as the peer records it
+        job = yaml.safe_load((sweep_dir / str(t.number) / ".hydra" / "config.yaml").read_text())
+        assert job["y"] == t.params["y"]  # what it suggested reached the job
+    bad = subprocess.run([sys.executable, str(APP), "-m", f"hydra.sweep.dir={tmp_path / 'bad'}",
+                          "hydra.sweeper.custom_search_space=nowhere.configure"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2
+    assert "error: hydra.sweeper.custom_search_space=nowhere.configure: " in bad.stderr
+
+
 def test_hydra_callbacks_run_once_for_a_sweep_with_local_workers(tmp_path):
-    result, _, results = sweep(tmp_path, "hydra.sweeper.n_jobs=2", "hydra.sweeper.n_trials=4",
+    result, _, results = sweep(tmp_path, "hydra.sweeper.workers=2", "hydra.sweeper.n_trials=4",
                                "+hydra.callbacks.mark._target_=__main__.Mark")
     assert result.returncode == 0, result.stderr[-3000:]
     assert results["trials"] == {"COMPLETE": 4}
     assert (tmp_path / "callbacks.log").read_text().split() == ["start", "end"]  # not per worker
+
+
+def test_workers_start_from_the_app_not_from_the_driver_that_called_it(tmp_path):
+    """A driver script that calls the Hydra app: workers used to re-run sys.argv (the driver,
+    or pytest), which started workers of their own without end. The first trial is held until
+    the second worker has started one, so both surely take part."""
+    import os
+
+    gate = Gate(tmp_path / "gate")
+    driver = ("import sys; print('DRIVER', flush=True); import gated; "
+              f"sys.argv = ['gated', '-m', 'hydra.sweep.dir={tmp_path / 'sweep'}', 'hydra.sweeper.workers=2', "
+              f"'hydra.sweeper.n_trials=4', 'gate={gate.path}']; gated.main()")
+    env = {**os.environ, "PYTHONPATH": f"{APP.parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.Popen([sys.executable, "-c", driver], cwd=tmp_path, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        started = gate.started()
+        if len({pid for _, pid in started}) == 2:
+            for trial, _ in started:
+                if trial not in gate.released:
+                    gate.release(trial)
+        time.sleep(0.05)
+    out, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0, err[-3000:]
+    assert out.count("DRIVER") == 1  # the worker ran the app, not the driver
+    done = trials(tmp_path / "sweep")
+    assert [t.state.name for t in done] == ["COMPLETE"] * 4
+    assert len({t.user_attrs["worker_pid"] for t in done}) == 2  # both processes took trials
 
 
 def test_trial_seeds_of_neighbouring_study_seeds_are_unrelated():

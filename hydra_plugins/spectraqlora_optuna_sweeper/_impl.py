@@ -32,7 +32,7 @@ from hydra.core.override_parser.types import (ChoiceSweep, IntervalSweep, Overri
 from hydra.core.plugins import Plugins
 from hydra.core.utils import JobStatus
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_method, instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from spectraqlora import rundir, telemetry
@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 State = optuna.trial.TrialState
 RESULTS = "optimization_results.yaml"
 HEARTBEAT = "heartbeat"  # trial user attr: time.time() of the worker's last sign of life
+WORKER_ENV = "SPECTRAQLORA_SWEEP_WORKER"  # set in the workers a sweep starts: they start none
 LOST = "worker_lost"  # trial user attr: FAIL because its worker died or was stopped, not by its own error
 SUMMARY = "summary_written_at"  # study user attr: trial count when the W&B summary was written
 _SAMPLER_PACKAGES = {"CmaEsSampler": ("cmaes", "cmaes")}  # optuna sampler -> (package, our extra)
@@ -118,6 +119,20 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def app_command(task_function) -> list[str]:
+    """How to start the Hydra app that runs `task_function` again, from the app itself, never
+    from sys.argv (under pytest or a driver script that is not the app): `python -m <module>`,
+    `python <script>`, or an import of the module and a call of its @hydra.main function."""
+    module = sys.modules.get(task_function.__module__)
+    if task_function.__module__ == "__main__":
+        spec = getattr(module, "__spec__", None)
+        if spec is not None and spec.name:
+            return [sys.executable, "-m", spec.name.removesuffix(".__main__")]
+        return [sys.executable, os.path.abspath(module.__file__)]
+    entry = f"import {task_function.__module__} as app; app.{task_function.__name__}()"
+    return [sys.executable, "-c", entry]
+
+
 def _lost(trial: optuna.trial.FrozenTrial) -> bool:
     """FAIL because its worker died or was stopped: neither counted in n_trials nor a failure."""
     return trial.state is State.FAIL and bool(trial.user_attrs.get(LOST))
@@ -158,26 +173,27 @@ class Heartbeat:
 
 class SweeperImpl:
     def __init__(self, sampler, pruner, direction, objectives, storage, study_name, n_trials,
-                 n_jobs, max_failure_rate, heartbeat_interval, grace_period, params):
+                 n_jobs, max_failure_rate, heartbeat_interval, grace_period, params,
+                 custom_search_space=None, workers=1):
         self.sampler_cfg, self.pruner_cfg = sampler, pruner  # configs (_recursive_: false)
         self.directions = list(direction) if isinstance(direction, (list, ListConfig)) else [direction]
         self.objectives = list(objectives) if objectives else None
         self.storage, self.study_name, self.params = storage, study_name, params or {}
         self.plotted_at = time.monotonic()  # of the last plots (or the start)
         self.n_trials, self.n_jobs, self.max_failure_rate = n_trials, n_jobs, max_failure_rate
+        self.workers = 1 if os.environ.get(WORKER_ENV) else workers  # a worker never starts more
         self.heartbeat_interval = heartbeat_interval
         self.grace_period = grace_period or 2 * heartbeat_interval
         self.exhausted = False  # a grid sampler has run its whole grid
+        self.custom_search_space = custom_search_space
 
     def setup(self, *, hydra_context, task_function, config: DictConfig) -> None:
-        self.config = config
+        self.config, self.task_function = config, task_function
         self.launcher = Plugins.instance().instantiate_launcher(
             hydra_context=hydra_context, task_function=task_function, config=config)
         self.sweep_dir = Path(config.hydra.sweep.dir)
         self.study_name = study_name(config.hydra.sweeper, self.sweep_dir)
-        # Hydra's own launcher runs jobs in this process: n_jobs > 1 means that many worker
-        # processes. Any other (submitit on SLURM, joblib) gets n_jobs trials per launch: one
-        # job array.
+        # Hydra's own launcher runs jobs in this process: `workers` > 1 means more processes
         from hydra._internal.core_plugins.basic_launcher import BasicLauncher
 
         self.local = isinstance(self.launcher, BasicLauncher)
@@ -192,6 +208,13 @@ class SweeperImpl:
         self._check()
         self.sweep_dir.mkdir(parents=True, exist_ok=True)
         fixed, space = self._search_space(arguments)
+        self.extend_space = None
+        if self.custom_search_space:
+            try:
+                self.extend_space = get_method(self.custom_search_space)
+            except Exception as exc:
+                raise UserError(f"hydra.sweeper.custom_search_space={self.custom_search_space}: "
+                                f"{str(exc).splitlines()[0]}") from None
         self.url = storage_url(self.storage, self.sweep_dir)
         shown = OmegaConf.to_container(self.config)  # interpolations stay as written
         if self.storage and "${" not in str(shown["hydra"]["sweeper"]["storage"]):
@@ -229,7 +252,7 @@ class SweeperImpl:
         return study_lock(self.url, self.study_name)
 
     def _next_trials(self, study: optuna.Study, space: dict) -> list[optuna.Trial]:
-        """The next trials for this worker (n_jobs of them for a remote launcher, else one),
+        """The next trials for this worker (a batch of n_jobs, one launch),
         none once the study has n_trials that ran or run (lost ones do not count); asked under
         the study lock, so their numbers follow each other and no worker starts one too many."""
         with self._lock():
@@ -241,7 +264,7 @@ class SweeperImpl:
                 trials = []
             else:
                 study.sampler = self._sampler(space, len(every))
-                trials = [study.ask() for _ in range(1 if self.local else min(self.n_jobs, left))]
+                trials = [study.ask() for _ in range(min(self.n_jobs, left))]
         if stop:
             self._write_results(study, final=True)
             raise UserError(stop)
@@ -253,7 +276,13 @@ class SweeperImpl:
         for trial in trials:
             trial.set_user_attr("worker_host", socket.gethostname())
             trial.set_user_attr("worker_pid", os.getpid())
-            params = [f"{name}={suggest(trial, name, dist)}" for name, dist in space.items()]
+            for name, dist in space.items():
+                suggest(trial, name, dist)
+            if self.extend_space:
+                self.extend_space(self.config, trial)
+            for override in fixed:  # as hydra-optuna-sweeper records them
+                trial.set_user_attr(*override.split("=", 1))
+            params = [f"{name}={value}" for name, value in trial.params.items()]
             log.info("trial %d: %s", trial.number, " ".join(params))
             jobs.append(fixed + params)
         heartbeat = Heartbeat(self.storage_obj, [t._trial_id for t in trials], self.heartbeat_interval)
@@ -328,8 +357,12 @@ class SweeperImpl:
     # -- set-up -----------------------------------------------------------------------------
 
     def _check(self) -> None:
-        if self.n_trials <= 0 or self.n_jobs <= 0:
-            raise UserError("hydra.sweeper.n_trials and hydra.sweeper.n_jobs must be positive")
+        if min(self.n_trials, self.n_jobs, self.workers) <= 0:
+            raise UserError("hydra.sweeper.n_trials, n_jobs and workers must be positive")
+        if self.workers > 1 and not self.local:
+            raise UserError(f"hydra.sweeper.workers={self.workers} starts processes on this machine, "
+                            f"for Hydra's basic launcher; with hydra/launcher="
+                            f"{type(self.launcher).__name__} use hydra.sweeper.n_jobs (trials per launch)")
         if self.heartbeat_interval <= 0 or self.grace_period <= self.heartbeat_interval:
             raise UserError(f"hydra.sweeper.heartbeat_interval={self.heartbeat_interval} and "
                             f"grace_period={self.grace_period}: the interval must be positive and "
@@ -419,22 +452,24 @@ class SweeperImpl:
             time.sleep(min(self.heartbeat_interval, 5))
 
     def _spawn_workers(self) -> list[subprocess.Popen]:
-        """n_jobs > 1: n_jobs - 1 more workers of this same command on this machine, sharing the
-        study; each asks for its next trial when free (no batch waits for its slowest trial)."""
-        if self.n_jobs <= 1 or not self.local:
+        """workers > 1: that many - 1 more processes of this Hydra app on this machine, sharing
+        the study; each asks for its next trial when free (no batch waits for its slowest)."""
+        if self.workers <= 1:
             return []
-        cmd = [sys.executable, *sys.orig_argv[1:], "hydra.sweeper.n_jobs=1",
+        hydra_cfg = self.config.hydra
+        cmd = [*app_command(self.task_function), "-m", f"--config-name={hydra_cfg.job.config_name}",
+               *hydra_cfg.overrides.hydra, *hydra_cfg.overrides.task, "hydra.sweeper.workers=1",
                f"hydra.sweeper.storage={self.url}", f"hydra.sweeper.study_name={self.study_name}",
                f"hydra.sweep.dir={self.sweep_dir.resolve()}",
                # Hydra's callbacks (on_multirun_start/end: reports) run once, in this process
-               *(f"~hydra.callbacks.{name}" for name in self.config.hydra.callbacks or {})]
-        log.info("starting %d more sweep workers", self.n_jobs - 1)
+               *(f"~hydra.callbacks.{name}" for name in hydra_cfg.callbacks or {})]
+        log.info("starting %d more sweep workers", self.workers - 1)
         gpus = self._gpus()
         if gpus:
             os.environ["CUDA_VISIBLE_DEVICES"] = gpus[0]  # this process: before CUDA starts
-        return [subprocess.Popen(cmd, env={**os.environ, **(
+        return [subprocess.Popen(cmd, env={**os.environ, WORKER_ENV: "1", **(
                     {"CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]} if gpus else {})})
-                for i in range(1, self.n_jobs)]
+                for i in range(1, self.workers)]
 
     @staticmethod
     def _gpus() -> list[str]:

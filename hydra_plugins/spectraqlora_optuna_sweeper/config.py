@@ -1,5 +1,6 @@
 """The sweeper's config schema, registered with Hydra (compatible with hydra-optuna-sweeper's
-keys where they mean the same: sampler, direction, storage, study_name, n_trials, n_jobs, params)."""
+keys where they mean the same: sampler, direction, storage, study_name, n_trials, n_jobs, params,
+custom_search_space)."""
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -142,14 +143,20 @@ class SpectraOptunaSweeperConf:
     # null: derived from the sweep dir (give one for workers on several machines)
     study_name: Optional[str] = None
     n_trials: int = 20  # in total, across resumes and all workers of the study
-    # Hydra's own launcher: that many workers on this machine, each asking for its next trial;
-    # another launcher (submitit on SLURM): that many trials per launch, one job array
+    # trials per launch, as in hydra-optuna-sweeper: one job array for submitit on SLURM; Hydra's
+    # own launcher runs a batch one trial after another
     n_jobs: int = 1
+    # worker processes on this machine (Hydra's own launcher), each asking for its next trial
+    # when free, sharing the study
+    workers: int = 1
     # the sweep stops once more than this fraction of n_trials has failed
     max_failure_rate: float = 0.5
     heartbeat_interval: int = 60  # seconds between a running trial's heartbeats
     grace_period: Optional[int] = None  # silent this long: its worker died, FAIL; null: 2 x interval
     params: Optional[Dict[str, str]] = None
+    # dotted path of fn(cfg, trial), called before each trial to suggest more params (as in
+    # hydra-optuna-sweeper); what it suggests is passed to the job as overrides
+    custom_search_space: Optional[str] = None
 
 
 def register() -> None:

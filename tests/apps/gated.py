@@ -25,7 +25,7 @@ class Mark(Callback):
             f.write("end\n")
 
 
-@hydra.main(config_path=".", config_name="gated", version_base="1.3")
+@hydra.main(config_path=str(Path(__file__).resolve().parent), config_name="gated", version_base="1.3")
 def main(cfg):
     num = HydraConfig.get().job.num
     if cfg.gate:
@@ -33,8 +33,16 @@ def main(cfg):
         (gate / f"started.{num}.{os.getpid()}").touch()
         while not (gate / f"release.{num}").exists():
             time.sleep(0.05)
+    time.sleep(cfg.sleep)
     Path(HydraConfig.get().runtime.output_dir, "result.txt").write_text(str(cfg.x))
-    return cfg.x if cfg.returns is None else OmegaConf.to_container(cfg.returns)
+    if cfg.returns is None:
+        return cfg.x
+    return OmegaConf.to_container(cfg.returns) if OmegaConf.is_config(cfg.returns) else cfg.returns
+
+
+def configure(cfg, trial) -> None:
+    """hydra.sweeper.custom_search_space=__main__.configure: y within 0.5 of x."""
+    trial.suggest_float("y", trial.params["x"] - 0.5, trial.params["x"] + 0.5)
 
 
 if __name__ == "__main__":
