@@ -3,6 +3,7 @@ hydra-optuna-sweeper expects, and the defects found by running its suite and our
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import optuna
 import yaml
@@ -164,3 +165,19 @@ def test_removed_and_uninstalled_samplers_are_one_line():
             sampler_of("hydra/sweeper/sampler=cmaes")
     else:
         assert type(sampler_of("hydra/sweeper/sampler=cmaes")).__name__ == "CmaEsSampler"
+
+
+def test_launch_jobs_in_process_through_hydras_sweep_runner(hydra_sweep_runner):
+    """hydra-optuna-sweeper's test_launch_jobs with our sweeper: Hydra's own test fixture runs
+    the sweep inside pytest; n_jobs=3 is three trials per launch (workers would have started
+    pytest again before)."""
+    sweep = hydra_sweep_runner(
+        calling_file=None, calling_module="hydra.test_utils.a_module", config_path="configs",
+        config_name="compose.yaml", task_function=None,
+        overrides=["hydra/sweeper=spectraqlora_optuna", "hydra/launcher=basic",
+                   "hydra.sweeper.n_trials=8", "hydra.sweeper.n_jobs=3", "hydra.sweeper.study_name=launch"])
+    with sweep:  # the runner's sweep dir lives while it does
+        assert sweep.returns is None
+        study = optuna.load_study(study_name="launch", storage=f"sqlite:///{sweep.temp_dir}/optuna.db")
+        assert [(t.number, t.state.name) for t in study.trials] == [(n, "COMPLETE") for n in range(8)]
+        assert (Path(sweep.temp_dir) / "7" / ".hydra").is_dir()  # batches of 3, 3 and 2 launched
