@@ -1,22 +1,31 @@
 """Find a model's files on disk: a local dir, a hub snapshot, or a random-init model built once."""
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from spectraqlora.config import ModelConfig
 from spectraqlora.errors import UserError
 
+log = logging.getLogger(__name__)
+
 # What a training run needs from a hub repo: weights as safetensors, configs, tokenizer files.
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "tokenizer*"]
+GGUF_MARK = "gguf.json"  # in a checkpoint converted from a GGUF: which file, its sha256
 
 
 def resolve(model: ModelConfig, patterns: list[str] = HUB_PATTERNS) -> Path:
     """Local directory holding `model.name_or_path`, fetched or built if need be."""
     path = Path(os.path.expanduser(model.name_or_path))
+    if model.gguf_file:
+        return _from_gguf(Path(model.gguf_file).expanduser(), path)
     if path.is_dir():
         return path
     if model.random_init is not None:
@@ -54,6 +63,22 @@ def _download(repo_id: str, revision: str | None, patterns: list[str]) -> Path:
         raise UserError(f"model '{repo_id}' could not be fetched from the hub: {first}") from exc
 
 
+@contextmanager
+def _building(path: Path):
+    """A temp dir beside `path` to write a checkpoint into, renamed to `path` at the end of the
+    block (whole or absent; another process that finished first wins), removed on error."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        yield tmp
+        try:
+            tmp.rename(path)
+        except OSError:  # another process built it first
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _build_random_init(model: ModelConfig, path: Path) -> Path:
     """Save a random-init model (seed 0) and its tokenizer at `path`, atomically, once."""
     import torch
@@ -69,14 +94,58 @@ def _build_random_init(model: ModelConfig, path: Path) -> Path:
     config.eos_token_id, config.bos_token_id = tokenizer.eos_token_id, tokenizer.bos_token_id
     torch.manual_seed(0)
     net = AutoModelForCausalLM.from_config(config)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-    net.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    with _building(path) as tmp:
+        net.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return path
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _from_gguf(gguf: Path, path: Path) -> Path:
+    """The safetensors checkpoint at `path` converted from a GGUF file (transformers dequantizes
+    it to float32): converted once, atomically, with the GGUF's sha256 in `path/gguf.json`;
+    later runs read `path` like any checkpoint dir."""
+    if not gguf.is_file():
+        raise UserError(f"model.gguf_file={gguf}: no such file")
+    digest = _sha256(gguf)
+    mark = path / GGUF_MARK
+    if mark.is_file():
+        if json.loads(mark.read_text())["sha256"] == digest:
+            return path
+        raise UserError(f"model.name_or_path={path} holds a conversion of another GGUF "
+                        f"({json.loads(mark.read_text())['gguf']}): remove it, or set "
+                        f"model.name_or_path to a new dir for {gguf.name}")
+    if path.exists() and any(path.iterdir()):
+        raise UserError(f"model.name_or_path={path} is not empty and not converted from "
+                        f"model.gguf_file: set model.name_or_path to a new dir for {gguf.name}")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s (once) into a safetensors checkpoint at %s", gguf.name, path)
+    began = time.perf_counter()
     try:
-        tmp.rename(path)
-    except OSError:  # another process built it first
-        shutil.rmtree(tmp, ignore_errors=True)
+        net = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except (ValueError, KeyError, NotImplementedError, OSError) as exc:
+        raise UserError(f"model.gguf_file={gguf}: transformers cannot load it "
+                        f"({str(exc).splitlines()[0]})") from None
+    net.hf_quantizer = None  # dequantized: save it as the float checkpoint it now is
+    if hasattr(net.config, "quantization_config"):
+        del net.config.quantization_config
+    with _building(path) as tmp:
+        net.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / GGUF_MARK).write_text(json.dumps({"gguf": str(gguf), "sha256": digest,
+                                                 "dequantized_to": "float32"}, indent=2) + "\n")
+    log.info("converted %s in %.0f s (dequantized to float32: close to, not equal to, the "
+             "original weights)", gguf.name, time.perf_counter() - began)
     return path
 
 

