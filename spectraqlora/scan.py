@@ -221,8 +221,9 @@ def scan_and_select(files: list[Path], cfg: TrainConfig) -> tuple[dict[str, dict
 
 def run(cfg: TrainConfig, run_dir: Path) -> list[str]:
     """Scan (fetching only safetensors from a hub), select, and write the scan's run dir."""
-    from spectraqlora import exports
+    from spectraqlora import exports, telemetry
 
+    telemetry.configure_progress(show_progress(cfg.logger))  # a GGUF conversion's bars too
     path = checkpoint.resolve(cfg.model, SCAN_PATTERNS)
     table, chosen = scan_and_select(checkpoint.safetensors_files(path), cfg)
     exports.write_all(run_dir, table, chosen, exports.slug(cfg.model.name_or_path),
