@@ -60,7 +60,8 @@ class ModelConfig:
     trust_remote_code: bool = False
     # Modules kept out of quantization; heads that are new (not in the checkpoint) must be here.
     skip_quant_modules: List[str] = field(default_factory=lambda: ["lm_head"])
-    # Modules trained whole next to the adapters (classification heads).
+    # Modules trained whole next to the adapters (classification heads); empty with
+    # task=classification: the new head, under the names transformers gives it (score, classifier).
     head_modules: List[str] = field(default_factory=list)
     # When set and name_or_path does not exist yet: build a random-init model of this config
     # (AutoConfig.for_model kwargs, `model_type` included) and save it there once.
@@ -248,8 +249,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                         f"{cfg.selection.last_k}: give one of them, not both")
     if cfg.selection.layers is not None and not cfg.selection.layers:
         raise UserError("selection.layers=[] names no layer: give layer indices, or null")
-    if cfg.selection.strategy is Strategy.none and not cfg.model.head_modules:
-        raise UserError("selection=none trains only model.head_modules, and this model has none")
+    if cfg.selection.strategy is Strategy.none and not cfg.model.head_modules and \
+            cfg.model.task is not Task.classification:
+        raise UserError("selection=none trains only the classification head (model.head_modules), "
+                        f"and model.task={cfg.model.task.value} has none")
     if cfg.dataset.packing and cfg.model.task is not Task.causal_lm:
         raise UserError(f"dataset.packing=true needs a causal LM; model.task={cfg.model.task.value}")
     if cfg.model.random_init is not None and cfg.model.gguf_file:

@@ -24,10 +24,22 @@ def load_tokenizer(path: Path, model: ModelConfig):
     return tokenizer
 
 
+# What transformers names the new head of a ...ForSequenceClassification model.
+NEW_HEADS = ["classifier", "score"]  # BERT and friends; Llama, Mistral, Qwen, GPT-2
+
+
+def heads(model: ModelConfig) -> list[str]:
+    """Modules trained whole (and kept out of quantization): model.head_modules, or for a
+    classification task the new head under either name transformers gives it."""
+    if model.head_modules or model.task is not Task.classification:
+        return list(model.head_modules)
+    return NEW_HEADS
+
+
 def bnb_config(quant: QuantConfig, model: ModelConfig):
     from transformers import BitsAndBytesConfig
 
-    skip = list(model.skip_quant_modules)
+    skip = list(dict.fromkeys([*model.skip_quant_modules, *heads(model)]))
     if quant.mode is Quant.none:
         return None
     if quant.mode is Quant.int8:
@@ -127,7 +139,7 @@ def add_lora(net, targets: list[str], lora: LoraConfig, model: ModelConfig,
         bias=lora.bias,
         use_rslora=lora.use_rslora,
         target_modules=targets or DUMMY_TARGET_MODULES,  # none: the heads alone
-        modules_to_save=list(model.head_modules) or None,
+        modules_to_save=heads(model) or None,
         # peft matches these keys as regexes against the end of module names
         rank_pattern={re.escape(n): r for n, r in ranks.items()},
         alpha_pattern={re.escape(n): lora.alpha * r / lora.r for n, r in ranks.items()},

@@ -270,3 +270,18 @@ def test_a_signal_keeps_a_checkpoint_and_says_how_to_resume(tmp_path, sig):
     assert shlex.split(stopped[3]) == ["python", "-m", "spectraqlora.train", *args, "trainer.resume=true"]
     assert not (run_dir / "metrics.json").exists()
     assert line in (run_dir / "train.log").read_text()
+
+
+def test_a_decoder_lm_as_a_classifier_trains_its_new_score_head_whole_and_unquantized(tmp_path):
+    """model.task=classification with no model.head_modules: the new head (Llama: `score`) is
+    kept out of 4-bit and trained whole, not left random and frozen."""
+    from safetensors import safe_open
+
+    metrics = train.run(config("model.task=classification", "trainer.max_steps=4", "trainer.eval_steps=0",
+                               "trainer.save_steps=0"), tmp_path)
+    assert 0 <= metrics["eval_accuracy"] <= 1
+    with safe_open(str(tmp_path / "adapter" / "adapter_model.safetensors"), "pt") as f:
+        saved = list(f.keys())
+    assert any(k.endswith("score.weight") for k in saved), saved  # the head is in the adapter
+    assert modeling.heads(config("model.task=classification").model) == modeling.NEW_HEADS
+    assert "score" in modeling.bnb_config(config().quant, config("model.task=classification").model).llm_int8_skip_modules
