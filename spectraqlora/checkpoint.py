@@ -110,18 +110,23 @@ def _sha256(path: Path) -> str:
 
 def _from_gguf(gguf: Path, path: Path) -> Path:
     """The safetensors checkpoint at `path` converted from a GGUF file (transformers dequantizes
-    it to float32): converted once, atomically, with the GGUF's sha256 in `path/gguf.json`;
-    later runs read `path` like any checkpoint dir."""
+    it to float32): converted once, atomically, with the GGUF's sha256, size and mtime in
+    `path/gguf.json`; later runs read `path` like any checkpoint dir (the file is hashed again
+    only when its size or mtime changed)."""
     if not gguf.is_file():
         raise UserError(f"model.gguf_file={gguf}: no such file")
-    digest = _sha256(gguf)
+    stat = gguf.stat()
+    seen = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
     mark = path / GGUF_MARK
     if mark.is_file():
-        if json.loads(mark.read_text())["sha256"] == digest:
+        done = json.loads(mark.read_text())
+        if {k: done.get(k) for k in seen} == seen:  # the same file as converted: no re-hash per run
+            return path
+        if done["sha256"] == _sha256(gguf):
             return path
         raise UserError(f"model.name_or_path={path} holds a conversion of another GGUF "
-                        f"({json.loads(mark.read_text())['gguf']}): remove it, or set "
-                        f"model.name_or_path to a new dir for {gguf.name}")
+                        f"({done['gguf']}): remove it, or set model.name_or_path to a new dir "
+                        f"for {gguf.name}")
     if path.exists() and any(path.iterdir()):
         raise UserError(f"model.name_or_path={path} is not empty and not converted from "
                         f"model.gguf_file: set model.name_or_path to a new dir for {gguf.name}")
@@ -142,7 +147,7 @@ def _from_gguf(gguf: Path, path: Path) -> Path:
     with _building(path) as tmp:
         net.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / GGUF_MARK).write_text(json.dumps({"gguf": str(gguf), "sha256": digest,
+        (tmp / GGUF_MARK).write_text(json.dumps({"gguf": str(gguf), "sha256": _sha256(gguf), **seen,
                                                  "dequantized_to": "float32"}, indent=2) + "\n")
     log.info("converted %s in %.0f s (dequantized to float32: close to, not equal to, the "
              "original weights)", gguf.name, time.perf_counter() - began)

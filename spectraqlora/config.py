@@ -244,6 +244,13 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if snr_ranks and not cfg.lora.r_min <= cfg.lora.r <= cfg.lora.r_max:
         raise UserError(f"lora.r_min={cfg.lora.r_min}, lora.r={cfg.lora.r}, lora.r_max="
                         f"{cfg.lora.r_max}: expected r_min <= r <= r_max")
+    for key in ("layers", "last_k"):  # only selection=layers reads them
+        if getattr(cfg.selection, key) is not None and cfg.selection.strategy is not Strategy.layers:
+            raise UserError(f"selection.{key}={getattr(cfg.selection, key)} is read by selection=layers "
+                            f"only, not selection={cfg.selection.strategy.value}: add selection=layers")
+    if cfg.dataset.label_names is not None and cfg.model.task is not Task.classification:
+        raise UserError(f"dataset.label_names is for classification; model.task={cfg.model.task.value} "
+                        f"learns the response text")
     if cfg.selection.layers is not None and cfg.selection.last_k is not None:
         raise UserError(f"selection.layers={cfg.selection.layers} and selection.last_k="
                         f"{cfg.selection.last_k}: give one of them, not both")

@@ -126,6 +126,9 @@ _BUILT_IN = {"rotten_tomatoes": rotten_tomatoes, "newsgroups": orange_corpus, "r
 
 def load(cfg: DatasetConfig, task: Task, seed: int) -> DatasetDict:
     """Raw train/eval rows from the configured source, with the task's columns checked."""
+    if cfg.eval_split and (cfg.path == "synthetic" or cfg.name in _BUILT_IN):
+        raise UserError(f"dataset.eval_split={cfg.eval_split}: dataset={cfg.name} makes its own eval "
+                        f"split (dataset.eval_size rows); eval_split is for files and hub datasets")
     if cfg.path == "synthetic":
         data = synthetic(cfg.train_size or 2000, cfg.eval_size, seed)
     elif cfg.name in _BUILT_IN:

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
@@ -94,3 +96,14 @@ def test_a_runs_relative_paths_are_read_from_where_it_was_started(tmp_path):
     (run_dir / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     (run_dir / ".hydra" / "hydra.yaml").write_text(f"hydra:\n  runtime:\n    cwd: {started}\n")
     assert load_run_config(run_dir).dataset.path == str(started / "data" / "rows.jsonl")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["selection.layers=[0]"], "selection.layers=[0] is read by selection=layers only, not selection=spectrum"),
+    (["selection=random", "selection.last_k=2"], "selection.last_k=2 is read by selection=layers only"),
+    (["model=tiny_llama", "dataset.label_names=[a,b]"], "dataset.label_names is for classification"),
+])
+def test_keys_the_run_would_ignore_are_refused(overrides, message):
+    """Each of these once trained something else and exited 0."""
+    with pytest.raises(UserError, match=re.escape(message)):
+        to_train_config(compose(*overrides))

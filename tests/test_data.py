@@ -205,3 +205,8 @@ def test_orange_corpora_keep_their_own_split(name, train, classes):
     row = data["eval"][0]
     assert row["prompt"] == f"Text: {row['text']}\nTopic:"
     assert row["response"] == " " + data["eval"].features["label"].names[row["label"]]
+
+
+def test_an_eval_split_a_generated_dataset_does_not_have_is_refused():
+    with pytest.raises(UserError, match="dataset.eval_split=test: dataset=synthetic makes its own eval split"):
+        load(DatasetConfig(eval_split="test"), Task.classification, 0)
