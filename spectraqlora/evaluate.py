@@ -40,7 +40,8 @@ def evaluate_run(run_dir: Path | None, allow_pickle: bool = False) -> dict:
                               data.num_labels(raw, cfg.dataset, cfg.model.task))
     net = modeling.load_adapter(base, run_dir / rundir.ADAPTER, allow_pickle)
     with tempfile.TemporaryDirectory(prefix="spectraqlora-eval-") as scratch:  # the Trainer's output dir
-        trainer = training.build_trainer(net, tokenized, tokenizer, cfg, Path(scratch))
+        trainer = training.build_trainer(net, tokenized, tokenizer, cfg, Path(scratch),
+                                         choices=data.label_choices(raw, tokenizer, cfg.dataset, cfg.model.task))
         metrics = training.evaluate(trainer, cfg.model.task)
     recorded = rundir.read_json(run_dir / rundir.METRICS)
     for key, value in metrics.items():

@@ -133,7 +133,8 @@ def _run(cfg: TrainConfig, run_dir: Path, resume_from: Path | None, info: RunInf
                  "lora/r": cfg.lora.r}, step=0)
         meter, stopper = training.TelemetryCallback(tel, cfg.model.task), training.StopOnSignal()
         callbacks = [meter, stopper] + ([training.PruningCallback(info.trial)] if info.trial else [])
-        trainer = training.build_trainer(net, tokenized, tokenizer, cfg, run_dir, callbacks)
+        trainer = training.build_trainer(net, tokenized, tokenizer, cfg, run_dir, callbacks,
+                                         data.label_choices(raw, tokenizer, cfg.dataset, cfg.model.task))
         before = training.evaluate(trainer, cfg.model.task)
         log.info("before training: %s", format_metrics(before))
         if resume_from:

@@ -71,16 +71,30 @@ def optimizer(name: str | None) -> str:
 
 
 class Trainer(transformers.Trainer):
-    """transformers' Trainer that never trains on a NaN or infinite loss.
+    """transformers' Trainer that never trains on a NaN or infinite loss, and whose evaluations
+    score a causal LM on labeled data like a classifier (`eval_accuracy`, from `choices`).
 
     on_nonfinite_loss="error" stops the run with NonFiniteLoss; "skip" drops that micro-batch
     (no gradient from it) and counts it in `skipped_steps`.
     """
 
-    def __init__(self, *args, on_nonfinite_loss: str = "error", **kwargs):
+    def __init__(self, *args, on_nonfinite_loss: str = "error", choices: data.LabelChoices | None = None,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.on_nonfinite_loss = on_nonfinite_loss
         self.skipped_steps = 0
+        self.choices = choices
+
+    def evaluation_loop(self, *args, **kwargs):
+        out = super().evaluation_loop(*args, **kwargs)
+        if self.choices is not None:
+            # under FSDP only the wrapped model holds whole weights; every rank scores alike
+            net = self.model_wrapped if self.is_fsdp_enabled else self.model
+            with self.autocast_smart_context_manager():
+                accuracy = choice_accuracy(net, self.choices, self.args.eval_batch_size,
+                                           self.processing_class.pad_token_id, self.args.device)
+            out.metrics[f"{kwargs.get('metric_key_prefix', 'eval')}_accuracy"] = accuracy
+        return out
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -130,6 +144,35 @@ class StopOnSignal(transformers.TrainerCallback):
         if self.signum is not None:
             control.should_save = True
             control.should_training_stop = True
+
+
+def choice_accuracy(model, choices: data.LabelChoices, batch_size: int, pad_id: int, device) -> float:
+    """The fraction of rows whose class name the model scores highest (data.LabelChoices)."""
+    scores = choice_scores(model, choices, batch_size, pad_id, device)
+    return float((scores.argmax(1) == torch.tensor(choices.gold)).double().mean())
+
+
+@torch.no_grad()
+def choice_scores(model, choices: data.LabelChoices, batch_size: int, pad_id: int, device) -> torch.Tensor:
+    """rows x classes: the log-probability of each class name's tokens after each row's prompt."""
+    by_input: dict[int, list[tuple[int, int, int, int]]] = {}
+    for row, choice, i, position, token in choices.terms:
+        by_input.setdefault(i, []).append((row, choice, position, token))
+    scores = torch.zeros(len(choices.gold), len(choices.names), dtype=torch.float64)
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(choices.inputs), batch_size):
+        batch = choices.inputs[start:start + batch_size]
+        width = max(map(len, batch))
+        ids = torch.tensor([seq + [pad_id] * (width - len(seq)) for seq in batch], device=device)
+        mask = torch.tensor([[1] * len(seq) + [0] * (width - len(seq)) for seq in batch], device=device)
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        wanted = [(j, term) for j in range(len(batch)) for term in by_input[start + j]]
+        picked = logits[[j for j, _ in wanted], [t[2] for _, t in wanted]].float().log_softmax(-1)
+        for (_, (row, choice, _, token)), logp in zip(wanted, picked):
+            scores[row, choice] += logp[token].item()
+    model.train(was_training)
+    return scores
 
 
 def accuracy(eval_pred) -> dict:
@@ -234,7 +277,7 @@ class LogProgress(transformers.TrainerCallback):
 
 
 def build_trainer(net, tokenized, tokenizer, cfg: TrainConfig, run_dir: Path,
-                  callbacks: list | None = None) -> Trainer:
+                  callbacks: list | None = None, choices: data.LabelChoices | None = None) -> Trainer:
     trainer = Trainer(
         model=net,
         args=training_arguments(cfg, run_dir),
@@ -244,6 +287,7 @@ def build_trainer(net, tokenized, tokenizer, cfg: TrainConfig, run_dir: Path,
         processing_class=tokenizer,
         compute_metrics=accuracy if cfg.model.task is Task.classification else None,
         on_nonfinite_loss=cfg.trainer.on_nonfinite_loss,
+        choices=choices,
         callbacks=callbacks,
     )
     if trainer.args.disable_tqdm:
@@ -263,7 +307,8 @@ def save_adapter(trainer: Trainer, path: Path) -> None:
 
 
 def evaluate(trainer: Trainer, task: Task) -> dict:
-    """eval_loss, plus eval_accuracy (classification) or eval_perplexity (language models).
+    """eval_loss, plus eval_perplexity (language models) and eval_accuracy (classification, and
+    language models on labeled data).
 
     An evaluation the Trainer has just run at this very step is reused, not repeated."""
     step = trainer.state.global_step
@@ -271,10 +316,10 @@ def evaluate(trainer: Trainer, task: Task) -> dict:
     raw = done[-1] if done else trainer.evaluate()
     unmark_prepared(trainer)
     out = {"eval_loss": raw["eval_loss"]}
-    if task is Task.classification:
-        out["eval_accuracy"] = raw["eval_accuracy"]
-    else:
+    if task is not Task.classification:
         out["eval_perplexity"] = perplexity(raw["eval_loss"])
+    if "eval_accuracy" in raw:
+        out["eval_accuracy"] = raw["eval_accuracy"]
     return out
 
 
