@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import hashlib
 import importlib
 import importlib.util
 import os
@@ -311,9 +312,10 @@ def to_train_config(cfg: DictConfig) -> TrainConfig:
     except UserError:
         raise
     except Exception as exc:  # omegaconf's errors carry the key; keep their first line
-        if isinstance(exc.__cause__, UserError):  # raised by one of our resolvers
-            raise exc.__cause__ from None
-        raise UserError(str(exc).splitlines()[0]) from exc
+        cause = exc
+        while cause is not None and not isinstance(cause, UserError):  # one of our resolvers'
+            cause = cause.__cause__ or cause.__context__
+        raise (cause or UserError(str(exc).splitlines()[0])) from None
     return validate(typed)
 
 
@@ -369,10 +371,20 @@ def _cache_dir() -> str:
     return os.environ.get("SPECTRAQLORA_CACHE", str(default))
 
 
+def _gguf_checkpoint(gguf_file: str) -> str:
+    """`${gguf_checkpoint:${.gguf_file}}`: where a GGUF's converted checkpoint goes by default,
+    one dir per GGUF path under the cache."""
+    if not gguf_file:
+        raise UserError("which GGUF? model.gguf_file=/path/model.gguf")
+    path = Path(gguf_file).expanduser().resolve()
+    return str(Path(_cache_dir()) / "gguf" / f"{path.stem}-{hashlib.sha256(str(path).encode()).hexdigest()[:10]}")
+
+
 def register() -> None:
     OmegaConf.register_new_resolver("package_model", _package_model_path, replace=True)
     OmegaConf.register_new_resolver("cache_dir", _cache_dir, replace=True)
     OmegaConf.register_new_resolver("package_file", _package_file, replace=True)
+    OmegaConf.register_new_resolver("gguf_checkpoint", _gguf_checkpoint, replace=True)
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
 
 

@@ -49,7 +49,8 @@ def test_tiny_llama_causal_lm_smoke_learns_and_reproduces(smoke_run):
     assert summary == [
         f"  run dir      {run_dir}",
         f"  eval         loss {metrics['eval_loss_before']:.4f} -> {metrics['eval_loss']:.4f}   "
-        f"perplexity {metrics['eval_perplexity_before']:.4f} -> {metrics['eval_perplexity']:.4f}",
+        f"perplexity {metrics['eval_perplexity_before']:.4f} -> {metrics['eval_perplexity']:.4f}   "
+        f"accuracy {metrics['eval_accuracy_before']:.4f} -> {metrics['eval_accuracy']:.4f}",  # label words scored
         f"  training     20 steps in {metrics['train_runtime_s']:.1f} s, {metrics['tokens_per_sec']:,.0f} tokens/s",
         summary[3], f"  peak memory  {metrics['peak_mem_gb']:.2f} GB", f"  adapter      {run_dir / 'adapter'}"]
     assert re.fullmatch(r"  wall time    \d+\.\d s", summary[3])

@@ -249,8 +249,28 @@ def test_a_refused_command_prints_one_line_and_leaves_no_run_dir(tmp_path):
     assert list(tmp_path.iterdir()) == []  # no outputs/<date>/<time>/ left behind
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_a_signal_keeps_a_checkpoint_and_says_how_to_resume(tmp_path, sig):
+def test_sigint_and_sigterm_stop_after_the_step_and_a_second_one_at_once():
+    """In process, both signals; the run as a whole is checked with SIGTERM below."""
+    import os
+
+    from transformers import TrainerControl
+
+    from spectraqlora.training import StopOnSignal
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        before = signal.getsignal(sig)
+        with StopOnSignal() as stopper:
+            os.kill(os.getpid(), sig)
+            control = TrainerControl()
+            stopper.on_step_end(None, None, control)
+            assert stopper.signum == sig and control.should_save and control.should_training_stop
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), sig)
+        assert signal.getsignal(sig) == before
+
+
+def test_a_signal_keeps_a_checkpoint_and_says_how_to_resume(tmp_path):
+    sig = signal.SIGTERM  # what schedulers send (SIGINT: the same handler, tested above)
     run_dir = tmp_path / "run"
     args = [*SMOKE, f"hydra.run.dir={run_dir}"]
     proc = subprocess.Popen([sys.executable, "-m", "spectraqlora.train", *args], cwd=tmp_path,
