@@ -41,6 +41,8 @@ class Strategy(str, enum.Enum):
     spectrum = "spectrum"
     spectrum_global = "spectrum_global"
     snr_cutoff = "snr_cutoff"
+    kappa = "kappa"  # KappaTune: the lowest condition numbers, one ranking across types (as peft)
+    kappa_per_type = "kappa_per_type"
     random = "random"
     layers = "layers"
     all = "all"
@@ -116,6 +118,9 @@ class SelectionConfig:
     snr_cutoff: float = 0.0  # snr_cutoff: every module with SNR >= this
     layers: Optional[List[int]] = None  # layers: these layer indices (negative counts from the end)
     last_k: Optional[int] = None  # layers: the last k layers (neither: the last top_frac of them)
+    num_modules: Optional[int] = None  # kappa: exactly this many modules instead of top_frac
+    # Any strategy: candidates from this layer up only (backward then stops there: cheaper steps).
+    min_layer: Optional[int] = None
 
 
 @dataclass
@@ -209,6 +214,8 @@ _RANGES = {
     "selection.top_frac": (lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
     "selection.min_per_type": (lambda v: v >= 0, "a non-negative integer"),
     "selection.last_k": (lambda v: v is None or v > 0, "a positive integer or null"),
+    "selection.num_modules": (lambda v: v is None or v > 0, "a positive integer or null"),
+    "selection.min_layer": (lambda v: v is None or v >= 0, "a layer index (0 or more) or null"),
     "lora.r": (lambda v: v > 0, "a positive integer"),
     "lora.r_min": (lambda v: v > 0, "a positive integer"),
     "lora.alpha": (lambda v: v > 0, "a positive integer"),
@@ -255,6 +262,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         if getattr(cfg.selection, key) is not None and cfg.selection.strategy is not Strategy.layers:
             raise UserError(f"selection.{key}={getattr(cfg.selection, key)} is read by selection=layers "
                             f"only, not selection={cfg.selection.strategy.value}: add selection=layers")
+    if cfg.selection.num_modules is not None and cfg.selection.strategy is not Strategy.kappa:
+        raise UserError(f"selection.num_modules={cfg.selection.num_modules} is read by selection=kappa "
+                        f"only, not selection={cfg.selection.strategy.value}: use selection.top_frac")
     if cfg.dataset.label_names is not None and cfg.model.task is not Task.classification:
         raise UserError(f"dataset.label_names is for classification; model.task={cfg.model.task.value} "
                         f"learns the response text")

@@ -1,10 +1,13 @@
 """`python -m spectraqlora.report <multirun or sweep dir>`: what every finished run under it
-found, as one table (mean and std over seeds per swept setting) and two plots.
+found, as one table (mean and std over seeds per swept setting), paired comparisons, and plots.
 
 Reads each run's `.hydra/overrides.yaml`, `metrics.json` and `selection.json`; runs without
-metrics.json (unfinished, failed, pruned) are counted and skipped. Writes report.md,
-report_metric_vs_params.png and report_metric_vs_memory.png into the dir and prints the table.
-`experiment=strategy_study` runs it at the end of its sweep (ReportCallback).
+metrics.json (unfinished, failed, pruned) are counted and skipped. Writes report.md and
+report_metric_vs_{params,memory,step_time}.png into the dir and prints the tables.
+`--compare A:B` (repeatable) adds, for two settings run with the same seeds, the per-seed
+difference A - B of eval loss and accuracy: its mean and 95% Student-t interval over the seeds.
+`experiment=strategy_study` and `experiment=llm_study` run it at the end of their sweeps
+(ReportCallback, with their comparisons).
 """
 from __future__ import annotations
 
@@ -26,7 +29,9 @@ REPORT = "report.md"
 IGNORED = {"seed", "hparams_search", "experiment"}  # not settings to group by
 COLUMNS = [("eval_loss", "eval loss", "{:.4f}"), ("eval_accuracy", "accuracy", "{:.4f}"),
            ("eval_perplexity", "perplexity", "{:.2f}"), ("trainable_params", "trainable", "{:,.0f}"),
-           ("tokens_per_sec", "tokens/s", "{:.0f}"), ("peak_mem_gb", "peak GB", "{:.3f}")]
+           ("step_time_s", "s/step", "{:.2f}"), ("tokens_per_sec", "tokens/s", "{:.0f}"),
+           ("peak_mem_gb", "peak GB", "{:.3f}")]
+COMPARED = [("eval_loss", "eval loss", "{:+.4f}"), ("eval_accuracy", "accuracy", "{:+.4f}")]
 
 
 def collect(root: Path) -> tuple[list[dict], int]:
@@ -69,6 +74,49 @@ def summarize(rows: list[dict]) -> tuple[list[str], list[dict]]:
                 entry[f"{metric}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
         table.append(entry)
     return keys, sorted(table, key=lambda e: (e["strategy"], e.get("trainable_params", 0)))
+
+
+def setting_name(row: dict, keys: list[str]) -> str:
+    """A run's setting as compare names it: its swept values joined by commas (arm=spectrum: spectrum)."""
+    return ",".join(str(row["overrides"].get(k, "")) for k in keys)
+
+
+def compare(rows: list[dict], keys: list[str], pair: str, confidence: float = 0.95) -> list[dict]:
+    """`A:B`: per metric of COMPARED, the differences A - B between runs of the same seed, their
+    mean and its Student-t interval. A setting that no run has, or no seed in common, is an error."""
+    from scipy import stats
+
+    a, sep, b = pair.partition(":")
+    names = sorted({setting_name(r, keys) for r in rows})
+    if not sep or a not in names or b not in names:
+        raise UserError(f"report compare {pair!r}: expected A:B with A and B among the settings "
+                        f"here: {', '.join(names)}")
+    by_seed = {side: {r["overrides"].get("seed"): r for r in rows if setting_name(r, keys) == side} for side in (a, b)}
+    seeds = sorted(set(by_seed[a]) & set(by_seed[b]), key=str)
+    if not seeds:
+        raise UserError(f"report compare {pair}: no seed was run for both {a} and {b}")
+    out = []
+    for metric, title, fmt in COMPARED:
+        diffs = [by_seed[a][s][metric] - by_seed[b][s][metric] for s in seeds
+                 if metric in by_seed[a][s] and metric in by_seed[b][s]]
+        if not diffs:
+            continue
+        mean = statistics.mean(diffs)
+        half = (stats.t.ppf((1 + confidence) / 2, len(diffs) - 1) * statistics.stdev(diffs) / len(diffs) ** 0.5
+                if len(diffs) > 1 else float("nan"))
+        out.append({"a": a, "b": b, "metric": metric, "title": title, "fmt": fmt, "n": len(diffs),
+                    "mean": mean, "low": mean - half, "high": mean + half, "diffs": diffs})
+    return out
+
+
+def comparison_markdown(results: list[dict]) -> str:
+    lines = ["| A - B | metric | seeds | mean difference | 95% interval | per seed |", "|---|---|---|---|---|---|"]
+    for r in results:
+        interval = "n/a (one seed)" if r["n"] < 2 else \
+            f"[{r['fmt'].format(r['low'])}, {r['fmt'].format(r['high'])}]"
+        lines.append(f"| {r['a']} - {r['b']} | {r['title']} | {r['n']} | {r['fmt'].format(r['mean'])} | {interval} | "
+                     + " ".join(r["fmt"].format(d) for d in r["diffs"]) + " |")
+    return "\n".join(lines)
 
 
 def best(table: list[dict]) -> dict | None:
@@ -141,8 +189,8 @@ def plot(table: list[dict], keys: list[str], x: str, xlabel: str, path: Path) ->
     tmp.replace(path)
 
 
-def write_report(root: Path) -> str:
-    """report.md and the plots in root; returns the table."""
+def write_report(root: Path, comparisons: list[str] = ()) -> str:
+    """report.md and the plots in root; returns the tables."""
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"{root}: no such directory (give a multirun or sweep dir)")
@@ -151,23 +199,32 @@ def write_report(root: Path) -> str:
         raise UserError(f"{root} holds no finished run (no */metrics.json; {unfinished} unfinished)")
     keys, table = summarize(rows)
     text = markdown(keys, table)
-    plot(table, keys, "trainable_params", "trainable parameters", root / "report_metric_vs_params.png")
-    plot(table, keys, "peak_mem_gb", "peak memory (GB)", root / "report_metric_vs_memory.png")
+    if comparisons:
+        paired = comparison_markdown([r for pair in comparisons for r in compare(rows, keys, pair)])
+        text += ("\n\nPaired by seed (same data order and initialisation): the difference A - B per "
+                 "seed, its mean and 95% Student-t interval over the seeds.\n\n" + paired)
+    plots = [(metric, label, name) for metric, label, name in [
+        ("trainable_params", "trainable parameters", "params"), ("peak_mem_gb", "peak memory (GB)", "memory"),
+        ("step_time_s", "step time (s)", "step_time")] if any(metric in e for e in table)]
+    for metric, label, name in plots:
+        plot(table, keys, metric, label, root / f"report_metric_vs_{name}.png")
     rundir.write_text(root / REPORT, "\n".join([
         f"# Report: {root}", "",
         f"{len(rows)} finished runs ({unfinished} unfinished skipped); mean ± std over the runs "
         f"of each setting (seeds); bold: the lowest eval loss.", "", text, "",
-        "![metric vs trainable parameters](report_metric_vs_params.png)",
-        "![metric vs peak memory](report_metric_vs_memory.png)", ""]))
+        *(f"![metric vs {label}](report_metric_vs_{name}.png)" for _, label, name in plots), ""]))
     return f"{len(rows)} finished runs, {unfinished} unfinished skipped\n{text}"
 
 
 class ReportCallback(Callback):
-    """Hydra callback: the report of a multirun, written when it ends."""
+    """Hydra callback: the report of a multirun, written when it ends (`compare`: A:B pairs)."""
+
+    def __init__(self, compare: list[str] = ()):
+        self.compare = list(compare)
 
     def on_multirun_end(self, config, **kwargs) -> None:
         try:
-            log.info("%s", write_report(Path(config.hydra.sweep.dir)))
+            log.info("%s", write_report(Path(config.hydra.sweep.dir), self.compare))
         except UserError as exc:
             log.warning("no report: %s", exc)
 
@@ -175,9 +232,11 @@ class ReportCallback(Callback):
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m spectraqlora.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("dir", type=Path, help="a multirun or sweep dir")
+    parser.add_argument("--compare", action="append", default=[], metavar="A:B",
+                        help="paired by seed: the difference A - B of two settings (e.g. spectrum:random); repeatable")
     args = parser.parse_args(argv)
     with exit_on_user_error():
-        print(write_report(args.dir))
+        print(write_report(args.dir, args.compare))
 
 
 if __name__ == "__main__":

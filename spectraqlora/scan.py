@@ -1,7 +1,8 @@
-"""Spectrum scan: SNR of every candidate weight, read tensor by tensor from safetensors files.
+"""Spectrum scan: SNR (and condition number) of every candidate weight, read tensor by tensor
+from safetensors files.
 
 The model is never loaded: each 2-D weight inside the transformer blocks is read alone, cast to
-fp32 and reduced to its SNR, so memory stays at the size of the largest single tensor.
+fp32 and reduced to its singular values, so memory stays at the size of the largest single tensor.
 
 Module type rule: the exact name suffix after the layer index (`model.layers.3.self_attn.q_proj`
 has type `self_attn.q_proj`). Spectrum's own script groups by substring, which in BERT merges
@@ -36,13 +37,13 @@ from spectraqlora import checkpoint, rundir
 from spectraqlora.config import CONF_DIR, RankAllocation, ScanConfig, TrainConfig, to_train_config
 from spectraqlora.errors import UserError, exit_on_user_error
 from spectraqlora.selection import NEEDS_SNR, select, selection_record
-from spectraqlora.snr import spectrum_snr
+from spectraqlora.snr import condition_number, singular_values, snr_from_singular_values
 from spectraqlora.telemetry import show_progress
 
 log = logging.getLogger("spectraqlora.scan")
 
 SCAN_PATTERNS = ["*.safetensors", "model.safetensors.index.json", "config.json"]
-SCAN_VERSION = 1  # bump when the SNR, the candidate rule or the type rule changes
+SCAN_VERSION = 2  # bump when the table's fields, the SNR, the candidate rule or the type rule change
 _LAYER = re.compile(r"^(?P<stack>.+?)\.(?P<layer>\d+)\.(?P<suffix>.+)\.weight$")
 _EXPERT = re.compile(r"(^|\.)experts\.\d+\.")
 
@@ -115,10 +116,12 @@ def module_type(c: Candidate, multi_stack: bool) -> str:
 
 def compute(files: list[Path], *, with_snr: bool = True, device: str = "cpu",
             progress: bool = True) -> dict[str, dict]:
-    """The snr.json table: {name: {"snr", "type", "layer", "shape"}} for every candidate,
-    computed (no cache).
+    """The snr.json table: {name: {"snr", "kappa", "type", "layer", "shape"}} for every
+    candidate, computed (no cache): Spectrum's SNR and KappaTune's condition number, both from
+    one set of singular values per matrix.
 
-    Without with_snr the table lists the candidates with snr None (strategies that ignore it).
+    Without with_snr the table lists the candidates with snr and kappa None (strategies that
+    ignore them).
     """
     found = candidates(files)
     if not found:
@@ -130,11 +133,12 @@ def compute(files: list[Path], *, with_snr: bool = True, device: str = "cpu",
     for file, group in itertools.groupby(found, key=lambda c: c.file):  # found is in file order
         with open(file, "rb") as f:
             for c in group:
-                snr = None
+                snr = kappa = None
                 if with_snr:
-                    snr = spectrum_snr(read_tensor(f, c).to(device))
+                    s = singular_values(read_tensor(f, c).to(device))
+                    snr, kappa = snr_from_singular_values(s, *c.shape), condition_number(s)
                     bar.update()
-                table[c.name] = {"snr": snr, "type": module_type(c, multi_stack),
+                table[c.name] = {"snr": snr, "kappa": kappa, "type": module_type(c, multi_stack),
                                  "layer": c.layer, "shape": list(c.shape)}
     bar.close()
     return table

@@ -2,8 +2,8 @@
 and the optional SNR-driven rank allocation.
 
 Each strategy is a small function of the table (rows with "type", "layer", "snr", "shape").
-The fraction-based ones (spectrum, spectrum_global, random) then keep at least
-`min_per_type` modules of every candidate type.
+The fraction-based ones (spectrum, spectrum_global, kappa_per_type, random) then keep at least
+`min_per_type` modules of every candidate type; kappa ranks as peft's KappaTuneSelector does.
 """
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from collections import Counter, defaultdict
 from spectraqlora.config import SelectionConfig, Strategy
 from spectraqlora.errors import UserError
 
-NEEDS_SNR = {Strategy.spectrum, Strategy.spectrum_global, Strategy.snr_cutoff}
+NEEDS_SNR = {Strategy.spectrum, Strategy.spectrum_global, Strategy.snr_cutoff, Strategy.kappa,
+             Strategy.kappa_per_type}  # the scan's singular values: SNR and condition number
 
 
 def by_type(table: dict[str, dict]) -> dict[str, list[str]]:
@@ -44,6 +45,25 @@ def spectrum_global(table: dict[str, dict], top_frac: float, min_per_type: int =
     """One ranking across every candidate; then the best of each type up to min_per_type."""
     chosen = by_snr(table, list(table))[:keep_count(len(table), top_frac)]
     return _at_least(table, chosen, min_per_type, lambda names: by_snr(table, names))
+
+
+def by_kappa(table: dict[str, dict], names: list[str]) -> list[str]:
+    """Lowest condition number first (KappaTune); a stable sort, so ties keep checkpoint order."""
+    return sorted(names, key=lambda n: table[n]["kappa"])
+
+
+def kappa(table: dict[str, dict], top_frac: float, num_modules: int | None = None) -> list[str]:
+    """KappaTune as peft.helpers.KappaTuneSelector.get_best_targets ranks: one ranking across
+    every candidate, the num_modules best, or max(1, int(count x top_frac))."""
+    k = num_modules if num_modules is not None else max(1, int(len(table) * top_frac))
+    return by_kappa(table, list(table))[:k]
+
+
+def kappa_per_type(table: dict[str, dict], top_frac: float, min_per_type: int = 0) -> list[str]:
+    """Per module type, the floor(count x top_frac) lowest condition numbers (Spectrum's budget
+    rule with KappaTune's score)."""
+    return [name for names in by_type(table).values()
+            for name in by_kappa(table, names)[:keep_count(len(names), top_frac, min_per_type)]]
 
 
 def snr_cutoff(table: dict[str, dict], cutoff: float) -> list[str]:
@@ -93,15 +113,31 @@ def _at_least(table, chosen: list[str], min_per_type: int, order) -> list[str]:
     return chosen + extra
 
 
+def from_layer(table: dict[str, dict], min_layer: int | None) -> dict[str, dict]:
+    """The candidates of layer min_layer and above (all when None)."""
+    if min_layer is None:
+        return table
+    present = sorted({row["layer"] for row in table.values()})
+    if min_layer > present[-1]:
+        raise UserError(f"selection.min_layer={min_layer} but the model's layers are "
+                        f"{present[0]}..{present[-1]}")
+    return {name: row for name, row in table.items() if row["layer"] >= min_layer}
+
+
 def select(table: dict[str, dict], cfg: SelectionConfig, seed: int = 0) -> list[str]:
-    """Module names chosen by the configured strategy, in checkpoint order."""
-    s = cfg.strategy
+    """Module names chosen by the configured strategy (among the candidates from
+    selection.min_layer up), in checkpoint order."""
+    full, table, s = table, from_layer(table, cfg.min_layer), cfg.strategy
     if s is Strategy.spectrum:
         chosen = spectrum(table, cfg.top_frac, cfg.min_per_type)
     elif s is Strategy.spectrum_global:
         chosen = spectrum_global(table, cfg.top_frac, cfg.min_per_type)
     elif s is Strategy.snr_cutoff:
         chosen = snr_cutoff(table, cfg.snr_cutoff)
+    elif s is Strategy.kappa:
+        chosen = kappa(table, cfg.top_frac, cfg.num_modules)
+    elif s is Strategy.kappa_per_type:
+        chosen = kappa_per_type(table, cfg.top_frac, cfg.min_per_type)
     elif s is Strategy.random:
         chosen = random(table, cfg.top_frac, seed, cfg.min_per_type)
     elif s is Strategy.layers:
@@ -114,7 +150,7 @@ def select(table: dict[str, dict], cfg: SelectionConfig, seed: int = 0) -> list[
         raise UserError(f"selection={s.value} keeps no module ({_why_empty(table, cfg)}); "
                         f"the types here are: {', '.join(sorted(by_type(table)))}")
     keep = set(chosen)
-    return [name for name in table if name in keep]
+    return [name for name in full if name in keep]
 
 
 def _why_empty(table: dict[str, dict], cfg: SelectionConfig) -> str:

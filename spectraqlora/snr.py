@@ -1,4 +1,5 @@
-"""Spectrum's signal-to-noise ratio of a weight matrix (Hartford et al. 2024).
+"""Spectrum's signal-to-noise ratio of a weight matrix (Hartford et al. 2024), and KappaTune's
+condition number from the same singular values.
 
 Singular values inside the Marchenko-Pastur bulk of a random matrix with the same shape count as
 noise, those above its edge as signal. Computed as the public spectrum.py does, so rankings match:
@@ -33,6 +34,13 @@ def snr_from_singular_values(s: torch.Tensor, n_rows: int, n_cols: int) -> float
         return 0.0
     noise = s[s <= edge].sum() if bool((s <= edge).any()) else torch.tensor(1.0)
     return float(signal / noise / s[0])
+
+
+def condition_number(s: torch.Tensor) -> float:
+    """KappaTune's condition number of a matrix from its singular values (any order):
+    S_max / (S_min + 1e-8), as peft.helpers.KappaTuneSelector computes it (arXiv 2506.16289)."""
+    s = s.double()
+    return float(s.max() / (s.min() + 1e-8))
 
 
 def singular_values(w: torch.Tensor) -> torch.Tensor:

@@ -37,6 +37,23 @@ def test_report_groups_by_swept_settings_over_seeds(tmp_path):
         assert (tmp_path / png).stat().st_size > 1000
 
 
+def test_compare_gives_the_paired_difference_per_seed_with_a_t_interval(tmp_path):
+    losses = {("a", 1): 0.5, ("a", 2): 0.4, ("a", 3): 0.3, ("b", 1): 0.6, ("b", 2): 0.6, ("b", 3): 0.6, ("b", 4): 9.0}
+    for n, ((arm, seed), loss) in enumerate(losses.items()):
+        fake_run(tmp_path, n, [f"arm={arm}", f"seed={seed}"], {"eval_loss": loss, "eval_accuracy": 1 - loss,
+                                                                "step_time_s": 1.5}, strategy=arm)
+    printed = report.write_report(tmp_path, ["a:b"])
+    # seeds 1-3 pair up (b's seed 4 has no partner): a - b = -0.1, -0.2, -0.3; mean -0.2, sd 0.1,
+    # half-width t(0.975, 2 df) x 0.1 / sqrt(3) = 4.3027 x 0.05774 = 0.2484
+    assert "| a - b | eval loss | 3 | -0.2000 | [-0.4484, +0.0484] | -0.1000 -0.2000 -0.3000 |" in printed
+    assert "| a - b | accuracy | 3 | +0.2000 | [-0.0484, +0.4484] |" in printed
+    assert (tmp_path / "report_metric_vs_step_time.png").is_file()
+    with pytest.raises(UserError, match=r"report compare 'a:c': expected A:B with A and B among the settings here: a, b"):
+        report.write_report(tmp_path, ["a:c"])
+    result = run_cli("report", str(tmp_path), "--compare", "b:a", cwd=tmp_path)
+    assert result.returncode == 0 and "| b - a | eval loss | 3 | +0.2000 | [-0.0484, +0.4484] |" in result.stdout
+
+
 def test_report_of_a_dir_without_finished_runs_is_one_clear_error(tmp_path):
     fake_run(tmp_path, 0, ["seed=1"], None)
     with pytest.raises(UserError, match="holds no finished run .*1 unfinished"):

