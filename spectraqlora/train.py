@@ -168,9 +168,12 @@ def _run(cfg: TrainConfig, run_dir: Path, resume_from: Path | None, info: RunInf
         }
         if not distributed.is_main():
             return metrics
+        from spectraqlora.scan import identity
+
         rundir.write_json(run_dir / rundir.SELECTION, selection_record(
             cfg.selection, chosen, lora_targets=targets, trainable_params=trainable,
-            **({"ranks": ranks} if ranks else {})))
+            **({"ranks": ranks} if ranks else {}),
+            base={"path": str(path), "identity": identity(files)}))  # export checks it is unchanged
         tel.summary(metrics)
         rundir.write_json(run_dir / rundir.METRICS, metrics)  # last: marks the run finished
     if not cfg.trainer.keep_checkpoints:
