@@ -5,12 +5,10 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
+from spectraqlora import rundir
 from spectraqlora.config import ModelConfig
 from spectraqlora.errors import UserError
 
@@ -63,22 +61,6 @@ def _download(repo_id: str, revision: str | None, patterns: list[str]) -> Path:
         raise UserError(f"model '{repo_id}' could not be fetched from the hub: {first}") from exc
 
 
-@contextmanager
-def _building(path: Path):
-    """A temp dir beside `path` to write a checkpoint into, renamed to `path` at the end of the
-    block (whole or absent; another process that finished first wins), removed on error."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-    try:
-        yield tmp
-        try:
-            tmp.rename(path)
-        except OSError:  # another process built it first
-            pass
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def _build_random_init(model: ModelConfig, path: Path) -> Path:
     """Save a random-init model (seed 0) and its tokenizer at `path`, atomically, once."""
     import torch
@@ -94,7 +76,7 @@ def _build_random_init(model: ModelConfig, path: Path) -> Path:
     config.eos_token_id, config.bos_token_id = tokenizer.eos_token_id, tokenizer.bos_token_id
     torch.manual_seed(0)
     net = AutoModelForCausalLM.from_config(config)
-    with _building(path) as tmp:
+    with rundir.building(path) as tmp:
         net.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return path
@@ -144,7 +126,7 @@ def _from_gguf(gguf: Path, path: Path) -> Path:
     net.hf_quantizer = None  # dequantized: save it as the float checkpoint it now is
     if hasattr(net.config, "quantization_config"):
         del net.config.quantization_config
-    with _building(path) as tmp:
+    with rundir.building(path) as tmp:
         net.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / GGUF_MARK).write_text(json.dumps({"gguf": str(gguf), "sha256": _sha256(gguf), **seen,

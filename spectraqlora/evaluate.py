@@ -14,20 +14,13 @@ from omegaconf import DictConfig
 
 from spectraqlora import rundir
 from spectraqlora.config import CONF_DIR, load_run_config
-from spectraqlora.errors import UserError, exit_on_user_error
+from spectraqlora.errors import exit_on_user_error
 
 log = logging.getLogger("spectraqlora.evaluate")
 
 
 def evaluate_run(run_dir: Path | None, allow_pickle: bool = False) -> dict:
-    if run_dir is None:
-        raise UserError("which run? python -m spectraqlora.evaluate run_dir=<finished run dir> "
-                        "(e.g. outputs/<date>/<time>)")
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise UserError(f"run_dir={run_dir}: no such directory")
-    if not (run_dir / rundir.METRICS).is_file():
-        raise UserError(f"{run_dir} is not a finished run: it has no {rundir.METRICS}")
+    run_dir = rundir.finished_run(run_dir, "evaluate")
     cfg = load_run_config(run_dir)
     from spectraqlora import checkpoint, data, modeling, training  # torch: after the checks
 

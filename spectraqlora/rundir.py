@@ -7,6 +7,7 @@ import re
 import shutil
 import socket
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from spectraqlora.errors import UserError
@@ -47,6 +48,35 @@ def write_json(path: Path, obj) -> None:
 
 def read_json(path: Path):
     return json.loads(Path(path).read_text())
+
+
+@contextmanager
+def building(path: Path):
+    """A temp dir beside `path` to write a dir's files into, renamed to `path` at the end of the
+    block (whole or absent; another process that finished first wins), removed on error."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        yield tmp
+        try:
+            tmp.rename(path)
+        except OSError:  # another process built it first
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def finished_run(run_dir: Path | None, command: str) -> Path:
+    """The run dir a `python -m spectraqlora.<command> run_dir=...` is about, checked finished."""
+    if run_dir is None:
+        raise UserError(f"which run? python -m spectraqlora.{command} run_dir=<finished run dir> "
+                        f"(e.g. outputs/<date>/<time>)")
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"run_dir={run_dir}: no such directory")
+    if not (run_dir / METRICS).is_file():
+        raise UserError(f"{run_dir} is not a finished run: it has no {METRICS}")
+    return run_dir
 
 
 def last_checkpoint(run_dir: Path) -> Path | None:

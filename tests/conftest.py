@@ -43,6 +43,16 @@ def smoke_run(tmp_path_factory):
     return run_dir, result
 
 
+@pytest.fixture(scope="session")
+def default_run(tmp_path_factory):
+    """The README's default job (MiniLM on the synthetic set), shared by the CLI and export tests."""
+    tmp = tmp_path_factory.mktemp("default")
+    run_dir = tmp / "run"
+    result = run_cli("train", f"hydra.run.dir={run_dir}", cwd=tmp)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir, result
+
+
 def compose(*overrides: str):
     """The composed train config, as Hydra builds it for those overrides."""
     from hydra import compose as hydra_compose

@@ -21,10 +21,8 @@ def assert_reproduced(run_dir, tmp_path):
         assert value == pytest.approx(recorded[key], abs=1e-3), key
 
 
-def test_default_job_trains_minilm_to_090_and_evaluate_reproduces_it(tmp_path):
-    run_dir = tmp_path / "run"
-    result = run_cli("train", f"hydra.run.dir={run_dir}", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
+def test_default_job_trains_minilm_to_090_and_evaluate_reproduces_it(default_run, tmp_path):
+    run_dir, result = default_run
     out = result.stdout + result.stderr
     assert "selected 6 of 36 modules (spectrum)" in out
     assert "before training: loss=" in out and "accuracy=" in out

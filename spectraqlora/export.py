@@ -1,0 +1,226 @@
+"""`python -m spectraqlora.export run_dir=<finished run dir>`: what a run trained, as a standalone
+transformers checkpoint (the adapter merged into the base) or as the adapter alone, with a
+Hugging Face model card; checked against what the run evaluated before anything is kept.
+
+Merging (peft's merge_and_unload on a float base, the library's own path):
+- export.base=dequantized (default): the base as training saw it, the 4-bit weights dequantized
+  (transformers' `dequantize`); the merged model reproduces the run's eval loss.
+- export.base=original: the full-precision checkpoint; what users often want for quality, not
+  what was trained against, so its eval loss differs a little.
+
+The output is written into a temporary dir beside `export.out` and renamed when complete.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+import hydra
+import yaml
+from omegaconf import DictConfig
+
+from spectraqlora import rundir
+from spectraqlora.config import CONF_DIR, TrainConfig, load_run_config
+from spectraqlora.errors import UserError, exit_on_user_error
+
+log = logging.getLogger("spectraqlora.export")
+
+EXPORT = "export.json"
+BASES = ("dequantized", "original")
+LOSS_TOLERANCE = 1e-3  # relative: the dequantized merge must reproduce the run's eval loss
+
+
+def export_run(run_dir: Path | None, out: Path | None = None, dtype: str | None = None,
+               base: str = "dequantized", adapter_only: bool = False, check_rows: int = 8,
+               allow_pickle: bool = False) -> Path:
+    """Write the export of a finished run; returns where it is."""
+    run_dir = rundir.finished_run(run_dir, "export")
+    if base not in BASES:
+        raise UserError(f"export.base={base}: expected one of {', '.join(BASES)}")
+    from spectraqlora.config import _DTYPES
+
+    if dtype is not None and dtype not in _DTYPES:
+        raise UserError(f"export.dtype={dtype}: expected one of {', '.join(_DTYPES)} (or null: the model's)")
+    if check_rows < 1:
+        raise UserError(f"export.check_rows={check_rows}: expected a positive number of rows")
+    cfg = load_run_config(run_dir)
+    out = Path(out) if out else run_dir / ("adapter_export" if adapter_only else "merged")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"export.out={out} exists and is not empty: remove it, or give export.out=<new dir>")
+    from spectraqlora import checkpoint  # torch: after the checks
+
+    path = checkpoint.resolve(cfg.model)
+    check_base_unchanged(run_dir, path)
+    with rundir.building(out) as tmp:
+        if adapter_only:
+            for file in (run_dir / rundir.ADAPTER).iterdir():
+                shutil.copy2(file, tmp / file.name)
+            checks = {}
+        else:
+            checks = merge(cfg, run_dir, path, tmp, dtype or cfg.model.dtype, base, check_rows, allow_pickle)
+        rundir.write_text(tmp / "README.md", model_card(cfg, run_dir, adapter_only, base, checks))
+        rundir.write_json(tmp / EXPORT, {"run_dir": str(run_dir), "adapter_only": adapter_only,
+                                         **({"base": base, "dtype": dtype or cfg.model.dtype} if not adapter_only else {}),
+                                         **checks})
+    log.info("exported %s to %s", run_dir, out)
+    return out
+
+
+def check_base_unchanged(run_dir: Path, path: Path) -> None:
+    """The base checkpoint must be the one the adapter was trained on (its identity, as the scan
+    cache keys it, recorded in selection.json)."""
+    from spectraqlora import checkpoint
+    from spectraqlora.scan import identity
+
+    recorded = rundir.read_json(run_dir / rundir.SELECTION).get("base")
+    if recorded is None:
+        raise UserError(f"{run_dir}/{rundir.SELECTION} does not record its base checkpoint (a run "
+                        f"trained before spectraqlora recorded it): retrain to export it")
+    if identity(checkpoint.safetensors_files(path)) != recorded["identity"]:
+        raise UserError(f"the base checkpoint {path} changed since {run_dir} was trained on it: "
+                        f"the adapter would be merged into other weights")
+
+
+def merge(cfg: TrainConfig, run_dir: Path, path: Path, out: Path, dtype: str, base: str,
+          check_rows: int, allow_pickle: bool) -> dict:
+    """The merged checkpoint written to out; the checks (export.json's figures)."""
+    import torch
+
+    from spectraqlora import data, modeling
+
+    tokenizer = modeling.load_tokenizer(path, cfg.model)
+    raw = data.load(cfg.dataset, cfg.model.task, cfg.seed)
+    tokenized = data.tokenize(raw, tokenizer, cfg.dataset, cfg.model.task)
+    num_labels = data.num_labels(raw, cfg.dataset, cfg.model.task)
+    rows = data.collator(tokenizer, cfg.model.task)(
+        [tokenized["eval"][i] for i in range(min(check_rows, len(tokenized["eval"])))])
+    rows.pop("labels")
+
+    trained = modeling.load_adapter(modeling.load_base(path, cfg.model, cfg.quant, tokenizer, num_labels),
+                                    run_dir / rundir.ADAPTER, allow_pickle)
+    with torch.no_grad():
+        reference = trained(**rows).logits.float()
+    if base == "dequantized":
+        float_base = trained.unload()  # the 4-bit base without the adapter's layers
+        float_base.dequantize(dtype=getattr(torch, dtype))
+    else:
+        del trained
+        gc.collect()
+        float_base = modeling.load_base(path, cfg.model, _no_quant(), tokenizer, num_labels)
+    merged = modeling.load_adapter(float_base, run_dir / rundir.ADAPTER, allow_pickle).merge_and_unload()
+    merged.to(getattr(torch, dtype))
+    merged.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    del merged, float_base
+    gc.collect()
+
+    as_saved = dataclasses.replace(cfg.model, dtype=dtype)
+    reloaded = modeling.load_base(out, as_saved, _no_quant(), tokenizer, num_labels)  # as users load it
+    with torch.no_grad():
+        max_diff = float((reloaded(**rows).logits.float() - reference).abs().max())
+    metrics = _evaluate(reloaded, tokenized, raw, tokenizer, cfg)
+    recorded = rundir.read_json(run_dir / rundir.METRICS)["eval_loss"]
+    rel = abs(metrics["eval_loss"] - recorded) / abs(recorded)
+    checks = {"check_rows": len(rows["input_ids"]), "max_logit_diff": max_diff,
+              **{f"merged_{k}": v for k, v in metrics.items()}, "run_eval_loss": recorded,
+              "eval_loss_rel_diff": rel}
+    log.info("merged (%s base, %s): largest logit difference on %d eval rows %.3g; eval loss %.6f "
+             "(the run recorded %.6f, relative difference %.2g)", base, dtype, checks["check_rows"],
+             max_diff, metrics["eval_loss"], recorded, rel)
+    if base == "dequantized" and rel > LOSS_TOLERANCE:
+        raise UserError(f"the merged model's eval loss {metrics['eval_loss']:.6f} differs from the "
+                        f"run's {recorded:.6f} by {rel:.2g} relative (more than {LOSS_TOLERANCE}): "
+                        f"not exported")
+    return checks
+
+
+def _no_quant():
+    from spectraqlora.config import Quant, QuantConfig
+
+    return QuantConfig(mode=Quant.none)
+
+
+def _evaluate(net, tokenized, raw, tokenizer, cfg: TrainConfig) -> dict:
+    from spectraqlora import data, training
+
+    with tempfile.TemporaryDirectory(prefix="spectraqlora-export-") as scratch:
+        trainer = training.build_trainer(net, tokenized, tokenizer, cfg, Path(scratch),
+                                         choices=data.label_choices(raw, tokenizer, cfg.dataset, cfg.model.task))
+        return training.evaluate(trainer, cfg.model.task)
+
+
+def model_card(cfg: TrainConfig, run_dir: Path, adapter_only: bool, base: str, checks: dict) -> str:
+    """A Hugging Face model card: YAML front matter, then what was trained, how, and how well."""
+    selection = rundir.read_json(run_dir / rundir.SELECTION)
+    metrics = rundir.read_json(run_dir / rundir.METRICS)
+    table = rundir.read_json(run_dir / rundir.SNR) if (run_dir / rundir.SNR).is_file() else {}
+    front = {"base_model": cfg.model.name_or_path,
+             "library_name": "peft" if adapter_only else "transformers",
+             "tags": ["spectraqlora", "lora", "qlora", f"selection-{selection['strategy']}"]}
+    if license_ := _license(Path(selection.get("base", {}).get("path", cfg.model.name_or_path))):
+        front["license"] = license_
+    modules = selection["modules"]
+    ranks = selection.get("ranks") or {}
+    lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
+             f"# {Path(run_dir).name}: {cfg.model.name_or_path} fine-tuned with spectraqlora", "",
+             ("The LoRA adapter alone (peft, safetensors): load it over the base model, or serve "
+              "several adapters over one base." if adapter_only else
+              f"A standalone checkpoint: the LoRA adapter merged into the {base} base "
+              f"({'its 4-bit weights dequantized, as training saw them' if base == 'dequantized' else 'full-precision weights'}); "
+              f"loads with plain transformers, no peft or bitsandbytes."), "",
+             "## Training", "",
+             f"- Base model: `{cfg.model.name_or_path}` ({cfg.model.task.value}), quantized "
+             f"`{cfg.quant.mode.value}` during training",
+             f"- Dataset: `{cfg.dataset.name}` (`{cfg.dataset.path}`), max_length {cfg.dataset.max_length}",
+             f"- Selection: `{selection['strategy']}`, top_frac {selection['top_frac']}: "
+             f"{len(modules)} adapted modules",
+             f"- LoRA: r={cfg.lora.r}, alpha={cfg.lora.alpha}, dropout={cfg.lora.dropout}"
+             + (" (ranks by SNR, below)" if ranks else ""),
+             f"- Steps: {metrics['train_steps']}, learning rate {cfg.trainer.learning_rate}, "
+             f"batch {cfg.trainer.per_device_train_batch_size}, seed {cfg.seed}", "",
+             "| metric | before | after |", "|---|---|---|"]
+    lines += [f"| {k.removeprefix('eval_')} | {metrics[k + '_before']:.4f} | {metrics[k]:.4f} |"
+              for k in metrics if k.startswith("eval_") and k + "_before" in metrics]
+    if checks:
+        lines += ["", f"Merged model, checked by `spectraqlora.export`: eval loss {checks['merged_eval_loss']:.6f} "
+                      f"(the run: {checks['run_eval_loss']:.6f}); largest logit difference from the "
+                      f"adapter on the 4-bit base over {checks['check_rows']} eval rows: {checks['max_logit_diff']:.3g}."]
+    lines += ["", "## Adapted modules", "", "| module | type | SNR | rank |", "|---|---|---|---|"]
+    for name in modules:
+        row = table.get(name, {})
+        snr = row.get("snr")
+        lines.append(f"| {name} | {row.get('type', '')} | {'' if snr is None else f'{snr:.4f}'} | "
+                     f"{ranks.get(name, cfg.lora.r)} |")
+    overrides = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text()) or []
+    lines += ["", "## Reproduce", "", "```bash", " ".join(["python -m spectraqlora.train", *overrides]), "```", ""]
+    return "\n".join(lines)
+
+
+def _license(checkpoint_dir: Path) -> str | None:
+    """The license in the base checkpoint's own model card front matter, if it has one."""
+    card = checkpoint_dir / "README.md"
+    if not card.is_file():
+        return None
+    text = card.read_text()
+    if not text.startswith("---"):
+        return None
+    try:
+        front = yaml.safe_load(text.split("---")[1])
+    except yaml.YAMLError:
+        return None
+    return front.get("license") if isinstance(front, dict) else None
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="export")
+def main(cfg: DictConfig) -> None:
+    with exit_on_user_error():
+        export_run(cfg.run_dir and Path(cfg.run_dir), cfg.out and Path(cfg.out), cfg.dtype, cfg.base,
+                   cfg.adapter_only, cfg.check_rows, cfg.allow_pickle)
+
+
+if __name__ == "__main__":
+    main()
