@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import inspect
 import logging
 import math
 import signal
@@ -154,25 +155,51 @@ def choice_accuracy(model, choices: data.LabelChoices, batch_size: int, pad_id: 
 
 @torch.no_grad()
 def choice_scores(model, choices: data.LabelChoices, batch_size: int, pad_id: int, device) -> torch.Tensor:
-    """rows x classes: the log-probability of each class name's tokens after each row's prompt."""
-    by_input: dict[int, list[tuple[int, int, int, int]]] = {}
+    """rows x classes: the log-probability of each class name's tokens after each row's prompt.
+
+    The scored positions of an input are its last ones, so inputs are padded on the left (with
+    position ids that skip the padding) and, where the model allows, only the last positions'
+    logits are computed: a vocabulary-wide projection per scored token, not per input token."""
+    inputs = choices.inputs
+    by_input: dict[int, list[tuple[int, int, int, int]]] = {}  # input -> (row, class, positions from its end, token)
     for row, choice, i, position, token in choices.terms:
-        by_input.setdefault(i, []).append((row, choice, position, token))
+        by_input.setdefault(i, []).append((row, choice, len(inputs[i]) - 1 - position, token))
+    accepts = inspect.signature(_hf_model(model).forward).parameters
+    left = "position_ids" in accepts  # without them, left padding would shift absolute positions
     scores = torch.zeros(len(choices.gold), len(choices.names), dtype=torch.float64)
     was_training = model.training
     model.eval()
-    for start in range(0, len(choices.inputs), batch_size):
-        batch = choices.inputs[start:start + batch_size]
-        width = max(map(len, batch))
-        ids = torch.tensor([seq + [pad_id] * (width - len(seq)) for seq in batch], device=device)
-        mask = torch.tensor([[1] * len(seq) + [0] * (width - len(seq)) for seq in batch], device=device)
-        logits = model(input_ids=ids, attention_mask=mask).logits
-        wanted = [(j, term) for j in range(len(batch)) for term in by_input[start + j]]
-        picked = logits[[j for j, _ in wanted], [t[2] for _, t in wanted]].float().log_softmax(-1)
+    order = sorted(range(len(inputs)), key=lambda i: len(inputs[i]))  # similar lengths, less padding
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        width = max(len(inputs[i]) for i in batch)
+        pads = [[pad_id] * (width - len(inputs[i])) for i in batch]
+        ids = torch.tensor([p + inputs[i] if left else inputs[i] + p for p, i in zip(pads, batch)], device=device)
+        mask = torch.tensor([[0] * len(p) + [1] * len(inputs[i]) if left else [1] * len(inputs[i]) + [0] * len(p)
+                             for p, i in zip(pads, batch)], device=device)
+        keep = 1 + max(term[2] for i in batch for term in by_input[i]) if left else width
+        kwargs = {"position_ids": (mask.cumsum(-1) - 1).clamp(min=0)} if left else {}
+        if left and "logits_to_keep" in accepts:
+            kwargs["logits_to_keep"] = keep
+        logits = model(input_ids=ids, attention_mask=mask, **kwargs).logits[:, -keep:]
+        wanted = [(j, term) for j, i in enumerate(batch) for term in by_input[i]]
+        columns = [keep - 1 - off if left else len(inputs[batch[j]]) - 1 - off for j, (_, _, off, _) in wanted]
+        picked = logits[[j for j, _ in wanted], columns].float().log_softmax(-1)
         for (_, (row, choice, _, token)), logp in zip(wanted, picked):
             scores[row, choice] += logp[token].item()
     model.train(was_training)
     return scores
+
+
+def _hf_model(model):
+    """The transformers model inside peft and distributed wrappers (whose forward takes **kwargs)."""
+    while True:
+        if hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        elif isinstance(getattr(model, "module", None), torch.nn.Module):
+            model = model.module
+        else:
+            return model
 
 
 def accuracy(eval_pred) -> dict:
