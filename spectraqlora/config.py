@@ -182,6 +182,7 @@ class TrainerConfig:
     resume: bool = False  # continue from the last checkpoint in hydra.run.dir
     on_nonfinite_loss: str = "error"  # error: stop the run; skip: drop that step and count it
     keep_checkpoints: bool = False  # keep checkpoints/ once the run has finished
+    eval_before: bool = True  # evaluate before training too (metrics.json's *_before)
 
 
 @dataclass

@@ -135,8 +135,9 @@ def _run(cfg: TrainConfig, run_dir: Path, resume_from: Path | None, info: RunInf
         callbacks = [meter, stopper] + ([training.PruningCallback(info.trial)] if info.trial else [])
         trainer = training.build_trainer(net, tokenized, tokenizer, cfg, run_dir, callbacks,
                                          data.label_choices(raw, tokenizer, cfg.dataset, cfg.model.task))
-        before = training.evaluate(trainer, cfg.model.task)
-        log.info("before training: %s", format_metrics(before))
+        before = training.evaluate(trainer, cfg.model.task) if cfg.trainer.eval_before else {}
+        if before:
+            log.info("before training: %s", format_metrics(before))
         if resume_from:
             log.info("resuming from %s", resume_from)
         start = time.perf_counter()
@@ -184,8 +185,8 @@ def _run(cfg: TrainConfig, run_dir: Path, resume_from: Path | None, info: RunInf
 
 def format_summary(metrics: dict, run_dir: Path, wall_s: float) -> str:
     """The block a finished run ends with: where it is, what it reached, what it cost."""
-    evals = "   ".join(f"{key.removeprefix('eval_')} {metrics[key + '_before']:.4f} -> {metrics[key]:.4f}"
-                       for key in metrics if key.startswith("eval_") and key + "_before" in metrics)
+    evals = "   ".join(f"{key.removeprefix('eval_')} " + (f"{metrics[key + '_before']:.4f} -> " if key + "_before" in metrics else "")
+                       + f"{metrics[key]:.4f}" for key in metrics if key.startswith("eval_") and not key.endswith("_before"))
     rows = {"run dir": run_dir, "eval": evals,
             "training": f"{metrics['train_steps']} steps in {metrics['train_runtime_s']:.1f} s"
                         + (f", {metrics['tokens_per_sec']:,.0f} tokens/s" if "tokens_per_sec" in metrics else ""),

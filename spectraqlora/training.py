@@ -32,7 +32,7 @@ def training_arguments(cfg: TrainConfig, run_dir: Path) -> TrainingArguments:
     eval_steps, save_steps = knobs.pop("eval_steps"), knobs.pop("save_steps")
     # spectraqlora's own knobs; checkpointing is set up on the model (modeling.py), not by the
     # Trainer, which would turn on input gradients
-    for own in ("gradient_checkpointing", "resume", "on_nonfinite_loss", "keep_checkpoints"):
+    for own in ("gradient_checkpointing", "resume", "on_nonfinite_loss", "keep_checkpoints", "eval_before"):
         knobs.pop(own)
     return TrainingArguments(
         output_dir=str(run_dir / rundir.CHECKPOINTS),
