@@ -183,8 +183,9 @@ def model_card(cfg: TrainConfig, run_dir: Path, adapter_only: bool, base: str, c
              f"- Steps: {metrics['train_steps']}, learning rate {cfg.trainer.learning_rate}, "
              f"batch {cfg.trainer.per_device_train_batch_size}, seed {cfg.seed}", "",
              "| metric | before | after |", "|---|---|---|"]
-    lines += [f"| {k.removeprefix('eval_')} | {metrics[k + '_before']:.4f} | {metrics[k]:.4f} |"
-              for k in metrics if k.startswith("eval_") and k + "_before" in metrics]
+    lines += [f"| {k.removeprefix('eval_')} | {metrics[k + '_before']:.4f} | {metrics[k]:.4f} |" if k + "_before" in metrics
+              else f"| {k.removeprefix('eval_')} | (not evaluated) | {metrics[k]:.4f} |"
+              for k in metrics if k.startswith("eval_") and not k.endswith("_before")]
     if checks:
         lines += ["", f"Merged model, checked by `spectraqlora.export`: eval loss {checks['merged_eval_loss']:.6f} "
                       f"(the run: {checks['run_eval_loss']:.6f}); largest logit difference from the "

@@ -97,11 +97,39 @@ def configure_progress(enabled: bool) -> None:
         os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "0" if enabled else "1"
 
 
-def memory() -> dict:
-    """mem/peak_rss_gb everywhere; CUDA's peak allocated and reserved where there is a GPU."""
+def reset_peak_memory() -> None:
+    """Start the memory peaks over, at the start of a run: a multirun on Hydra's basic launcher
+    (and a sweep's local trials) runs its jobs one after another in one process, whose lifetime
+    peak would otherwise carry over from job to job. Linux resets the resident-set peak (VmHWM)
+    through /proc/self/clear_refs; elsewhere the peak stays the process's."""
     import torch
 
-    out = {"mem/peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # KiB
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_rss_gb() -> float:
+    """The resident-set peak since the last reset (VmHWM); the process's lifetime peak where
+    /proc is missing."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def memory() -> dict:
+    """mem/peak_rss_gb everywhere; CUDA's peak allocated and reserved where there is a GPU
+    (peaks since the run began: reset_peak_memory)."""
+    import torch
+
+    out = {"mem/peak_rss_gb": _peak_rss_gb()}
     if torch.cuda.is_available():
         out["mem/peak_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
         out["mem/peak_reserved_gb"] = torch.cuda.max_memory_reserved() / 2**30

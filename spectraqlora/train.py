@@ -95,6 +95,7 @@ def select(cfg: TrainConfig, files: list[Path], run_dir: Path):
 
 def _run(cfg: TrainConfig, run_dir: Path, resume_from: Path | None, info: RunInfo) -> dict:
     began = time.perf_counter()
+    telemetry.reset_peak_memory()  # this run's peak, not that of earlier jobs in this process
     telemetry.configure_progress(telemetry.show_progress(cfg.logger))
     with distributed.main_first():  # downloads (or the random-init build) once per machine
         path = checkpoint.resolve(cfg.model)  # first: a missing model fails before heavy imports

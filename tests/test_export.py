@@ -82,6 +82,22 @@ def test_the_model_card_says_what_was_trained_and_how_to_reproduce_it(smoke_run)
     assert "| loss | " in card and "Selection: `spectrum`, top_frac 0.25" in card
 
 
+def test_the_original_base_merges_full_precision_weights(smoke_run, tmp_path):
+    """base=original: the adapter over the float checkpoint, not over its 4-bit rounding."""
+    from safetensors.torch import load_file
+
+    run_dir, _ = smoke_run
+    original = export_run(run_dir, tmp_path / "original", base="original")
+    checks = json.loads((original / "export.json").read_text())
+    assert checks["base"] == "original" and checks["eval_loss_rel_diff"] >= 0
+    import torch
+
+    selection = json.loads((run_dir / "selection.json").read_text())
+    untouched = next(n for n in json.loads((run_dir / "snr.json").read_text()) if n not in selection["modules"])
+    merged = load_file(original / "model.safetensors")[untouched + ".weight"]
+    assert torch.equal(merged, load_file(f"{selection['base']['path']}/model.safetensors")[untouched + ".weight"])
+
+
 def test_bad_exports_are_one_line_and_leave_nothing(smoke_run, tmp_path):
     run_dir, _ = smoke_run
     unfinished = tmp_path / "unfinished"

@@ -99,3 +99,16 @@ def test_a_library_warning_repeated_per_forward_is_shown_once(caplog):
         cast.warning("MatMul8bitLt: inputs will be cast from torch.float32 to float16 during quantization")
     cast.warning("another message")
     assert [r.getMessage()[:12] for r in caplog.records if r.name == cast.name] == ["MatMul8bitLt", "another mess"]
+
+
+def test_a_runs_memory_peak_starts_with_the_run_not_with_the_process():
+    """Jobs of a multirun share a process: each run's peak RSS starts over (VmHWM reset)."""
+    import numpy as np
+
+    from spectraqlora.telemetry import memory, reset_peak_memory
+
+    big = np.ones(400 * 2**20 // 8)  # 400 MB, touched
+    high = memory()["mem/peak_rss_gb"]
+    del big
+    reset_peak_memory()
+    assert memory()["mem/peak_rss_gb"] < high - 0.3
