@@ -14,7 +14,8 @@ from spectraqlora.config import to_train_config
 from spectraqlora.errors import UserError
 
 # no dropout (no per-rank RNG); 10 steps, one evaluation at the end
-SMOKE = ["model=tiny_llama", "trainer=smoke", "lora.dropout=0", "trainer.max_steps=10", "trainer.eval_steps=0"]
+SMOKE = ["model=tiny_llama", "trainer=smoke", "lora.dropout=0", "trainer.max_steps=10", "trainer.eval_steps=0",
+         "dataset.eval_size=64"]
 
 
 def test_accelerate_launch_two_processes_trains_like_one(tmp_path):

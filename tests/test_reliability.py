@@ -17,7 +17,7 @@ from spectraqlora import checkpoint, modeling, rundir, train
 from spectraqlora.config import to_train_config
 from spectraqlora.errors import NonFiniteLoss, OutOfMemory, UserError
 
-SMOKE = ("model=tiny_llama", "trainer=smoke", "selection=random", "trainer.save_steps=5")
+SMOKE = ("model=tiny_llama", "trainer=smoke", "selection=random", "trainer.save_steps=5", "dataset.eval_size=64")
 
 
 def config(*overrides):
