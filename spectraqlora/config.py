@@ -263,6 +263,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         if getattr(cfg.selection, key) is not None and cfg.selection.strategy is not Strategy.layers:
             raise UserError(f"selection.{key}={getattr(cfg.selection, key)} is read by selection=layers "
                             f"only, not selection={cfg.selection.strategy.value}: add selection=layers")
+    if cfg.selection.min_layer is not None and cfg.selection.strategy in (Strategy.layers, Strategy.none):
+        raise UserError(f"selection.min_layer={cfg.selection.min_layer} with selection="
+                        f"{cfg.selection.strategy.value}: that strategy names its layers itself; drop min_layer")
     if cfg.selection.num_modules is not None and cfg.selection.strategy is not Strategy.kappa:
         raise UserError(f"selection.num_modules={cfg.selection.num_modules} is read by selection=kappa "
                         f"only, not selection={cfg.selection.strategy.value}: use selection.top_frac")

@@ -55,6 +55,8 @@ def test_num_modules_is_refused_where_it_would_be_ignored():
     with pytest.raises(UserError, match="selection.num_modules=49 is read by selection=kappa only, not "
                                         "selection=spectrum"):
         to_train_config(compose("+selection.num_modules=49"))
+    with pytest.raises(UserError, match="selection.min_layer=15 with selection=layers: that strategy names its layers"):
+        to_train_config(compose("selection=layers", "selection.layers=[0]", "selection.min_layer=15"))
 
 
 def test_snr_cutoff_keeps_every_module_at_or_above_it():
