@@ -81,7 +81,7 @@ def child_build(ckpt: Path, layers: int, hidden: int, intermediate: int, vocab: 
 def child_spectraqlora(ckpt: Path) -> dict:
     """spectraqlora's streaming scan without its cache (`scan.compute`)."""
     from spectraqlora.checkpoint import safetensors_files
-    from spectraqlora.scan import compute
+    from spectraqlora.scanner import compute
 
     import_rss = peak_rss_gb()
     table = compute(safetensors_files(ckpt), progress=False)

@@ -66,30 +66,26 @@ def measure(model: str, name: str, steps: int, warmup: int, batch: int, seq: int
     """One configuration, in this process."""
     import torch
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    from conftest import compose
-    from spectraqlora import checkpoint, data, modeling
-    from spectraqlora.config import to_train_config
-    from spectraqlora.scan import scan_and_select
+    from spectraqlora import build, data, modeling
+    from spectraqlora.config import compose, to_train_config
+    from spectraqlora.scanner import scan_and_select
+    from spectraqlora.selection import Selection
 
     base_overrides, configs = MODELS[model]
     overrides = [o for o in configs[name] if not o.startswith("+prepare_kbit")]
     cfg = to_train_config(compose(*base_overrides, f"dataset.max_length={seq}", "dataset.eval_size=32",
                                   *overrides))
     torch.manual_seed(cfg.seed)
-    path = checkpoint.resolve(cfg.model)
-    tokenizer = modeling.load_tokenizer(path, cfg.model)
-    tokenized = data.tokenize(data.load(cfg.dataset, cfg.model.task, cfg.seed), tokenizer,
-                              cfg.dataset, cfg.model.task)
-    _, chosen = scan_and_select(checkpoint.safetensors_files(path), cfg)
-    base = modeling.load_base(path, cfg.model, cfg.quant, tokenizer, None)
+    inputs = build.load_inputs(cfg)
+    tokenizer, (tokenized, _) = inputs.tokenizer, inputs.tokenized(cfg)
+    table, chosen = scan_and_select(inputs.files, cfg)
     if name.endswith("prepare_kbit"):
         from peft import prepare_model_for_kbit_training
 
-        base = prepare_model_for_kbit_training(base)  # its defaults: the usual QLoRA recipe
-    net = modeling.add_lora(base, modeling.model_names(base, chosen), cfg.lora, cfg.model)
-    if cfg.trainer.gradient_checkpointing:
-        modeling.enable_checkpointing(net)
+        base = prepare_model_for_kbit_training(build.base_model(inputs, cfg))  # its defaults: the usual QLoRA recipe
+        net = modeling.add_lora(base, modeling.model_names(base, chosen), cfg.lora, cfg.model)
+    else:
+        net, _ = build.new_model(inputs, cfg, Selection(table, chosen))
     device = next(p for p in net.parameters()).device
     optim = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4)
     collate = data.collator(tokenizer, cfg.model.task)
@@ -134,11 +130,9 @@ def measure(model: str, name: str, steps: int, warmup: int, batch: int, seq: int
 def one_time_costs() -> dict:
     """SmolLM2's GGUF conversion and its SNR scan, timed in this process (run it with
     SPECTRAQLORA_CACHE pointing at an empty dir)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    from conftest import compose
     from spectraqlora import checkpoint
-    from spectraqlora.config import to_train_config
-    from spectraqlora.scan import compute
+    from spectraqlora.config import compose, to_train_config
+    from spectraqlora.scanner import compute
 
     model = to_train_config(compose("model=smollm2")).model
     began = time.perf_counter()

@@ -206,7 +206,7 @@ class TrainConfig:
     seed: int = 42
 
 
-_DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16", "float16")
 OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit",
               "paged_adamw_32bit", "adafactor", "sgd")
 
@@ -222,10 +222,10 @@ _RANGES = {
     "lora.alpha": (lambda v: v > 0, "a positive integer"),
     "lora.dropout": (lambda v: 0 <= v < 1, "a probability in [0, 1)"),
     "lora.bias": (lambda v: v in ("none", "all", "lora_only"), "one of none, all, lora_only"),
-    "model.dtype": (lambda v: v in _DTYPES, f"one of {', '.join(_DTYPES)}"),
-    "quant.compute_dtype": (lambda v: v is None or v in _DTYPES, f"null or one of {', '.join(_DTYPES)}"),
-    "quant.storage_dtype": (lambda v: v is None or v in _DTYPES + ("uint8",),
-                            f"null, uint8 or one of {', '.join(_DTYPES)}"),
+    "model.dtype": (lambda v: v in DTYPES, f"one of {', '.join(DTYPES)}"),
+    "quant.compute_dtype": (lambda v: v is None or v in DTYPES, f"null or one of {', '.join(DTYPES)}"),
+    "quant.storage_dtype": (lambda v: v is None or v in DTYPES + ("uint8",),
+                            f"null, uint8 or one of {', '.join(DTYPES)}"),
     "dataset.chat_template": (lambda v: v.lower() in ("auto", "true", "false"), "one of auto, true, false"),
     "dataset.max_length": (lambda v: v > 0, "a positive integer"),
     "dataset.eval_size": (lambda v: v > 0, "a positive integer"),
@@ -409,3 +409,12 @@ CONF_DIR = next(
     for p in (Path(__file__).parent / "conf", Path(__file__).parent.parent / "conf")
     if p.is_dir()
 )
+
+
+def compose(*overrides: str, config_name: str = "train") -> DictConfig:
+    """The config Hydra composes for these overrides, outside a Hydra app (tests, benchmarks)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=list(overrides))

@@ -22,19 +22,14 @@ log = logging.getLogger("spectraqlora.evaluate")
 def evaluate_run(run_dir: Path | None, allow_pickle: bool = False) -> dict:
     run_dir = rundir.finished_run(run_dir, "evaluate")
     cfg = load_run_config(run_dir)
-    from spectraqlora import checkpoint, data, modeling, training  # torch: after the checks
+    from spectraqlora import build, training  # torch: after the checks
 
     cfg.logger.name = "none"  # a re-evaluation is not a new W&B run
-    path = checkpoint.resolve(cfg.model)
-    tokenizer = modeling.load_tokenizer(path, cfg.model)
-    raw = data.load(cfg.dataset, cfg.model.task, cfg.seed)
-    tokenized = data.tokenize(raw, tokenizer, cfg.dataset, cfg.model.task)
-    base = modeling.load_base(path, cfg.model, cfg.quant, tokenizer,
-                              data.num_labels(raw, cfg.dataset, cfg.model.task))
-    net = modeling.load_adapter(base, run_dir / rundir.ADAPTER, allow_pickle)
+    inputs = build.load_inputs(cfg)
+    tokenized, choices = inputs.tokenized(cfg)
+    net = build.trained_model(inputs, cfg, run_dir / rundir.ADAPTER, allow_pickle)
     with tempfile.TemporaryDirectory(prefix="spectraqlora-eval-") as scratch:  # the Trainer's output dir
-        trainer = training.build_trainer(net, tokenized, tokenizer, cfg, Path(scratch),
-                                         choices=data.label_choices(raw, tokenizer, cfg.dataset, cfg.model.task))
+        trainer = training.build_trainer(net, tokenized, inputs.tokenizer, cfg, Path(scratch), choices=choices)
         metrics = training.evaluate(trainer, cfg.model.task)
     recorded = rundir.read_json(run_dir / rundir.METRICS)
     for key, value in metrics.items():

@@ -24,7 +24,7 @@ import yaml
 from omegaconf import DictConfig
 
 from spectraqlora import rundir
-from spectraqlora.config import CONF_DIR, TrainConfig, load_run_config
+from spectraqlora.config import CONF_DIR, DTYPES, TrainConfig, load_run_config
 from spectraqlora.errors import UserError, exit_on_user_error
 
 log = logging.getLogger("spectraqlora.export")
@@ -41,10 +41,8 @@ def export_run(run_dir: Path | None, out: Path | None = None, dtype: str | None 
     run_dir = rundir.finished_run(run_dir, "export")
     if base not in BASES:
         raise UserError(f"export.base={base}: expected one of {', '.join(BASES)}")
-    from spectraqlora.config import _DTYPES
-
-    if dtype is not None and dtype not in _DTYPES:
-        raise UserError(f"export.dtype={dtype}: expected one of {', '.join(_DTYPES)} (or null: the model's)")
+    if dtype is not None and dtype not in DTYPES:
+        raise UserError(f"export.dtype={dtype}: expected one of {', '.join(DTYPES)} (or null: the model's)")
     if check_rows < 1:
         raise UserError(f"export.check_rows={check_rows}: expected a positive number of rows")
     cfg = load_run_config(run_dir)
@@ -61,7 +59,7 @@ def export_run(run_dir: Path | None, out: Path | None = None, dtype: str | None 
                 shutil.copy2(file, tmp / file.name)
             checks = {}
         else:
-            checks = merge(cfg, run_dir, path, tmp, dtype or cfg.model.dtype, base, check_rows, allow_pickle)
+            checks = merge(cfg, run_dir, tmp, dtype or cfg.model.dtype, base, check_rows, allow_pickle)
         rundir.write_text(tmp / "README.md", model_card(cfg, run_dir, adapter_only, base, checks))
         rundir.write_json(tmp / EXPORT, {"run_dir": str(run_dir), "adapter_only": adapter_only,
                                          **({"base": base, "dtype": dtype or cfg.model.dtype} if not adapter_only else {}),
@@ -74,7 +72,7 @@ def check_base_unchanged(run_dir: Path, path: Path) -> None:
     """The base checkpoint must be the one the adapter was trained on (its identity, as the scan
     cache keys it, recorded in selection.json)."""
     from spectraqlora import checkpoint
-    from spectraqlora.scan import identity
+    from spectraqlora.scan_cache import identity
 
     recorded = rundir.read_json(run_dir / rundir.SELECTION).get("base")
     if recorded is None:
@@ -85,23 +83,21 @@ def check_base_unchanged(run_dir: Path, path: Path) -> None:
                         f"the adapter would be merged into other weights")
 
 
-def merge(cfg: TrainConfig, run_dir: Path, path: Path, out: Path, dtype: str, base: str,
-          check_rows: int, allow_pickle: bool) -> dict:
+def merge(cfg: TrainConfig, run_dir: Path, out: Path, dtype: str, base: str, check_rows: int,
+          allow_pickle: bool) -> dict:
     """The merged checkpoint written to out; the checks (export.json's figures)."""
     import torch
 
-    from spectraqlora import data, modeling
+    from spectraqlora import build, data, modeling
 
-    tokenizer = modeling.load_tokenizer(path, cfg.model)
-    raw = data.load(cfg.dataset, cfg.model.task, cfg.seed)
-    tokenized = data.tokenize(raw, tokenizer, cfg.dataset, cfg.model.task)
-    num_labels = data.num_labels(raw, cfg.dataset, cfg.model.task)
+    inputs = build.load_inputs(cfg)
+    tokenizer, num_labels = inputs.tokenizer, data.num_labels(inputs.raw, cfg.dataset, cfg.model.task)
+    tokenized, choices = inputs.tokenized(cfg)
     rows = data.collator(tokenizer, cfg.model.task)(
         [tokenized["eval"][i] for i in range(min(check_rows, len(tokenized["eval"])))])
     rows.pop("labels")
 
-    trained = modeling.load_adapter(modeling.load_base(path, cfg.model, cfg.quant, tokenizer, num_labels),
-                                    run_dir / rundir.ADAPTER, allow_pickle)
+    trained = build.trained_model(inputs, cfg, run_dir / rundir.ADAPTER, allow_pickle)
     with torch.no_grad():
         reference = trained(**rows).logits.float()
     if base == "dequantized":
@@ -110,7 +106,7 @@ def merge(cfg: TrainConfig, run_dir: Path, path: Path, out: Path, dtype: str, ba
     else:
         del trained
         gc.collect()
-        float_base = modeling.load_base(path, cfg.model, _no_quant(), tokenizer, num_labels)
+        float_base = build.base_model(inputs, dataclasses.replace(cfg, quant=_no_quant()))
     merged = modeling.load_adapter(float_base, run_dir / rundir.ADAPTER, allow_pickle).merge_and_unload()
     merged.to(getattr(torch, dtype))
     merged.save_pretrained(out, safe_serialization=True)
@@ -122,7 +118,7 @@ def merge(cfg: TrainConfig, run_dir: Path, path: Path, out: Path, dtype: str, ba
     reloaded = modeling.load_base(out, as_saved, _no_quant(), tokenizer, num_labels)  # as users load it
     with torch.no_grad():
         max_diff = float((reloaded(**rows).logits.float() - reference).abs().max())
-    metrics = _evaluate(reloaded, tokenized, raw, tokenizer, cfg)
+    metrics = _evaluate(reloaded, tokenized, choices, tokenizer, cfg)
     recorded = rundir.read_json(run_dir / rundir.METRICS)["eval_loss"]
     rel = abs(metrics["eval_loss"] - recorded) / abs(recorded)
     checks = {"check_rows": len(rows["input_ids"]), "max_logit_diff": max_diff,
@@ -144,12 +140,11 @@ def _no_quant():
     return QuantConfig(mode=Quant.none)
 
 
-def _evaluate(net, tokenized, raw, tokenizer, cfg: TrainConfig) -> dict:
-    from spectraqlora import data, training
+def _evaluate(net, tokenized, choices, tokenizer, cfg: TrainConfig) -> dict:
+    from spectraqlora import training
 
     with tempfile.TemporaryDirectory(prefix="spectraqlora-export-") as scratch:
-        trainer = training.build_trainer(net, tokenized, tokenizer, cfg, Path(scratch),
-                                         choices=data.label_choices(raw, tokenizer, cfg.dataset, cfg.model.task))
+        trainer = training.build_trainer(net, tokenized, tokenizer, cfg, Path(scratch), choices=choices)
         return training.evaluate(trainer, cfg.model.task)
 
 

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import torch
 
-from spectraqlora import distributed
 from spectraqlora.config import LoraConfig, ModelConfig, Quant, QuantConfig, Task
 from spectraqlora.errors import UserError
 
@@ -36,7 +35,7 @@ def heads(model: ModelConfig) -> list[str]:
     return NEW_HEADS
 
 
-def bnb_config(quant: QuantConfig, model: ModelConfig):
+def bnb_config(quant: QuantConfig, model: ModelConfig, fsdp: bool = False):
     from transformers import BitsAndBytesConfig
 
     skip = list(dict.fromkeys([*model.skip_quant_modules, *heads(model)]))
@@ -49,15 +48,15 @@ def bnb_config(quant: QuantConfig, model: ModelConfig):
         bnb_4bit_quant_type=quant.mode.value,
         bnb_4bit_use_double_quant=quant.double_quant,
         bnb_4bit_compute_dtype=getattr(torch, quant.compute_dtype or model.dtype),
-        bnb_4bit_quant_storage=getattr(torch, quant_storage(quant, model)),
+        bnb_4bit_quant_storage=getattr(torch, quant_storage(quant, model, fsdp)),
         llm_int8_skip_modules=skip,
     )
 
 
-def quant_storage(quant: QuantConfig, model: ModelConfig) -> str:
+def quant_storage(quant: QuantConfig, model: ModelConfig, fsdp: bool) -> str:
     """The dtype 4-bit weights are packed in. FSDP (FSDP-QLoRA) shards only float tensors of
     one dtype: there it is the compute dtype, and the model's other weights must match it."""
-    if not distributed.fsdp():
+    if not fsdp:
         return quant.storage_dtype or "uint8"
     storage = quant.storage_dtype or quant.compute_dtype or model.dtype
     if storage != model.dtype:
@@ -67,16 +66,18 @@ def quant_storage(quant: QuantConfig, model: ModelConfig) -> str:
     return storage
 
 
-def load_base(path: Path, model: ModelConfig, quant: QuantConfig, tokenizer, num_labels: int | None):
-    """The frozen base, quantized as configured, on this process's GPU if there is one."""
+def load_base(path: Path, model: ModelConfig, quant: QuantConfig, tokenizer, num_labels: int | None,
+              fsdp: bool = False):
+    """The frozen base, quantized as configured, on this process's GPU if there is one (under
+    FSDP, where accelerate places it)."""
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
 
     kwargs = dict(
-        quantization_config=bnb_config(quant, model),
+        quantization_config=bnb_config(quant, model, fsdp),
         dtype=getattr(torch, model.dtype),
         trust_remote_code=model.trust_remote_code,
     )
-    if not distributed.fsdp():  # FSDP places (and with cpu_ram_efficient_loading, loads) itself
+    if not fsdp:  # FSDP places (and with cpu_ram_efficient_loading, loads) itself
         kwargs["device_map"] = {"": device()}
     if model.task is Task.classification:
         net = AutoModelForSequenceClassification.from_pretrained(

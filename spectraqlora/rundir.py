@@ -133,6 +133,12 @@ def release(run_dir: Path) -> None:
         os.close(fd)
 
 
+def finish(run_dir: Path, keep_checkpoints: bool) -> None:
+    """After metrics.json: the Trainer's checkpoints go unless trainer.keep_checkpoints."""
+    if not keep_checkpoints:
+        shutil.rmtree(Path(run_dir) / CHECKPOINTS, ignore_errors=True)
+
+
 def discard_if_untrained(run_dir: Path) -> bool:
     """Remove a run dir that a refused command left with nothing but what comes before training
     (Hydra's .hydra/ and log, the SNR table), unless another run holds it; also Hydra's

@@ -7,15 +7,55 @@ The fraction-based ones (spectrum, spectrum_global, kappa_per_type, random) then
 """
 from __future__ import annotations
 
+import hashlib
 import math
-import random as _random
+import random
 from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
 
 from spectraqlora.config import SelectionConfig, Strategy
 from spectraqlora.errors import UserError
 
 NEEDS_SNR = {Strategy.spectrum, Strategy.spectrum_global, Strategy.snr_cutoff, Strategy.kappa,
              Strategy.kappa_per_type}  # the scan's singular values: SNR and condition number
+
+
+@dataclass
+class Selection:
+    """What a run adapts: the candidate table (snr.json), the chosen checkpoint module names in
+    checkpoint order, their ranks when lora.rank_allocation=snr, and the SNR heatmap's path."""
+
+    table: dict[str, dict]
+    chosen: list[str]
+    ranks: dict[str, int] | None = None
+    heatmap: Path | None = None
+
+    def digest(self) -> str:
+        """A short fingerprint of the chosen names: equal on every rank that trains the same modules."""
+        return hashlib.sha256("\n".join(self.chosen).encode()).hexdigest()[:12]
+
+    def describe(self) -> str:
+        """The chosen modules as a table: name, type, SNR."""
+        width = max((len(n) for n in self.chosen), default=6)
+        lines = [f"  {'module':<{width}}  {'type':<24} {'snr':>8}"]
+        for name in self.chosen:
+            snr = self.table[name]["snr"]
+            lines.append(f"  {name:<{width}}  {self.table[name]['type']:<24} "
+                         f"{'-' if snr is None else f'{snr:.4f}':>8}")
+        return "\n".join(lines)
+
+
+def restrict_types(table: dict[str, dict], module_types: list[str] | None) -> dict[str, dict]:
+    """Only the rows of the candidate types; an unknown type is an error listing the known."""
+    if module_types is None:
+        return table
+    known = sorted({row["type"] for row in table.values()})
+    unknown = [t for t in module_types if t not in known]
+    if unknown:
+        raise UserError(f"selection.module_types: {', '.join(unknown)} matches no module of "
+                        f"this model; its types are: {', '.join(known)}")
+    return {name: row for name, row in table.items() if row["type"] in module_types}
 
 
 def by_type(table: dict[str, dict]) -> dict[str, list[str]]:
@@ -70,9 +110,9 @@ def snr_cutoff(table: dict[str, dict], cutoff: float) -> list[str]:
     return [name for name, row in table.items() if row["snr"] >= cutoff]
 
 
-def random(table: dict[str, dict], top_frac: float, seed: int, min_per_type: int = 0) -> list[str]:
+def at_random(table: dict[str, dict], top_frac: float, seed: int, min_per_type: int = 0) -> list[str]:
     """The control: per type, as many modules as spectrum keeps, drawn at random (seeded)."""
-    rng = _random.Random(seed)
+    rng = random.Random(seed)
     return [name for names in by_type(table).values()
             for name in rng.sample(names, keep_count(len(names), top_frac, min_per_type))]
 
@@ -139,7 +179,7 @@ def select(table: dict[str, dict], cfg: SelectionConfig, seed: int = 0) -> list[
     elif s is Strategy.kappa_per_type:
         chosen = kappa_per_type(table, cfg.top_frac, cfg.min_per_type)
     elif s is Strategy.random:
-        chosen = random(table, cfg.top_frac, seed, cfg.min_per_type)
+        chosen = at_random(table, cfg.top_frac, seed, cfg.min_per_type)
     elif s is Strategy.layers:
         chosen = layers(table, cfg.layers, cfg.last_k, cfg.top_frac)
     elif s is Strategy.none:

@@ -1,14 +1,18 @@
-"""Optuna pieces shared by the sweeper (hydra_plugins/spectraqlora_optuna_sweeper) and the
-training jobs it launches: the storage, the pruner, and the trial a job reports to."""
+"""Optuna in spectraqlora, both sides of it: what the sweeper (hydra_plugins/
+spectraqlora_optuna_sweeper) and the training jobs it launches share (the study's name, storage,
+locks and pruner), the trial a job reports to and the callback that reports, and the sweep's
+summary in W&B."""
 from __future__ import annotations
 
 from contextlib import contextmanager
 from pathlib import Path
 
 from hydra.types import RunMode
+from omegaconf import OmegaConf
 
 from spectraqlora.errors import UserError
 
+# the sweeper class, as hydra.sweeper._target_ names it
 SWEEPER = "hydra_plugins.spectraqlora_optuna_sweeper.optuna_sweeper.SpectraOptunaSweeper"
 
 
@@ -115,3 +119,50 @@ def current_trial(hydra_cfg):
     study_id = storage.get_study_id_from_name(name)
     trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, hydra_cfg.job.num)
     return optuna.trial.Trial(study, trial_id)
+
+
+def pruning_callback(trial):
+    """A Trainer callback that reports each eval loss to `trial` and stops the run when the
+    study's pruner says so (the sweeper records the trial PRUNED with that last value)."""
+    import optuna
+    import transformers
+
+    class PruningCallback(transformers.TrainerCallback):
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            if state.global_step == 0 or "eval_loss" not in (metrics or {}):
+                return
+            trial.report(metrics["eval_loss"], state.global_step)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"eval loss {metrics['eval_loss']:.6g} at step {state.global_step}")
+
+    return PruningCallback()
+
+
+def log_sweep_summary(config, study_name: str, sweep_dir: Path, table, plots: list[Path]) -> None:
+    """With logger=wandb: the sweep's trials table and plots as a W&B run of job_type
+    sweep-summary, grouped with its trials (they stay as files in the sweep dir either way)."""
+    if OmegaConf.select(config, "logger.name") != "wandb":
+        return
+    from spectraqlora.telemetry import Telemetry, init_wandb
+
+    sweeper = config.hydra.sweeper
+
+    run = init_wandb(
+        project=OmegaConf.select(config, "logger.project"),
+        entity=OmegaConf.select(config, "logger.entity"),
+        name=f"{study_name} summary", group=study_name, job_type="sweep-summary", dir=str(sweep_dir),
+        config={"study_name": study_name, "n_trials": sweeper.n_trials,
+                "direction": OmegaConf.to_container(sweeper.direction) if OmegaConf.is_list(
+                    sweeper.direction) else sweeper.direction,
+                "params": OmegaConf.to_container(sweeper.params or {}, resolve=True)})
+    sink = Telemetry(sweep_dir, run)
+    when = table.select_dtypes(include=["datetime", "timedelta"]).columns
+
+    def send(run):
+        import wandb
+
+        run.log({"trials": wandb.Table(dataframe=table.astype({c: str for c in when})),
+                 **{p.stem: wandb.Image(str(p)) for p in plots}})
+
+    sink.to_wandb(send)
+    sink.finish(failed=False)

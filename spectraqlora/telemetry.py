@@ -11,15 +11,13 @@ import dataclasses
 import json
 import logging
 import os
-import resource
 import sys
 import uuid
 from pathlib import Path
-from typing import Any
 
 from omegaconf import OmegaConf
 
-from spectraqlora import distributed, rundir
+from spectraqlora import rundir
 from spectraqlora.config import LoggerConfig, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -30,14 +28,11 @@ WANDB_ID = "wandb_id"  # the run's W&B id, so a resumed run continues the same W
 
 @dataclasses.dataclass
 class RunInfo:
-    """How this run is named and grouped in W&B (from Hydra's overrides and mode), and the
-    Optuna trial it reports its eval losses to in a sweep."""
+    """How this run is named and grouped in W&B (from Hydra's overrides and mode)."""
 
     name: str | None = None
     group: str | None = None
     job_type: str = "train"
-    trial: Any = None
-    stop_on_signal: bool = False  # SIGINT/SIGTERM save a checkpoint and stop (single runs)
 
 
 def show_progress(logger: LoggerConfig) -> bool:
@@ -97,45 +92,6 @@ def configure_progress(enabled: bool) -> None:
         os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "0" if enabled else "1"
 
 
-def reset_peak_memory() -> None:
-    """Start the memory peaks over, at the start of a run: a multirun on Hydra's basic launcher
-    (and a sweep's local trials) runs its jobs one after another in one process, whose lifetime
-    peak would otherwise carry over from job to job. Linux resets the resident-set peak (VmHWM)
-    through /proc/self/clear_refs; elsewhere the peak stays the process's."""
-    import torch
-
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-
-
-def _peak_rss_gb() -> float:
-    """The resident-set peak since the last reset (VmHWM); the process's lifetime peak where
-    /proc is missing."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 2**20  # kB
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
-def memory() -> dict:
-    """mem/peak_rss_gb everywhere; CUDA's peak allocated and reserved where there is a GPU
-    (peaks since the run began: reset_peak_memory)."""
-    import torch
-
-    out = {"mem/peak_rss_gb": _peak_rss_gb()}
-    if torch.cuda.is_available():
-        out["mem/peak_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
-        out["mem/peak_reserved_gb"] = torch.cuda.max_memory_reserved() / 2**30
-    return out
-
-
 class Telemetry:
     """The sinks of one run: metrics.jsonl (appended, so a resumed run keeps its history) and
     an optional W&B run; none at all for run_dir None (the other ranks of a distributed run)."""
@@ -148,10 +104,10 @@ class Telemetry:
         if self.path is not None:
             with open(self.path, "a") as f:
                 f.write(json.dumps({"step": step, **metrics}) + "\n")
-        self._wandb(lambda run: run.log(metrics, step=step))
+        self.to_wandb(lambda run: run.log(metrics, step=step))
 
     def summary(self, metrics: dict) -> None:
-        self._wandb(lambda run: run.summary.update(metrics))
+        self.to_wandb(lambda run: run.summary.update(metrics))
 
     def selection(self, table: dict[str, dict], chosen: list[str], heatmap: Path | None) -> None:
         """The SNR table with what was selected, and the heatmap, as W&B media."""
@@ -166,13 +122,13 @@ class Telemetry:
                 media["snr_heatmap"] = wandb.Image(str(heatmap))
             run.log(media, step=0)
 
-        self._wandb(send)
+        self.to_wandb(send)
 
     def finish(self, failed: bool) -> None:
-        self._wandb(lambda run: run.finish(exit_code=1 if failed else 0))
+        self.to_wandb(lambda run: run.finish(exit_code=1 if failed else 0))
         self.wandb = None
 
-    def _wandb(self, call) -> None:
+    def to_wandb(self, call) -> None:
         if self.wandb is None:
             return
         try:
@@ -184,11 +140,11 @@ class Telemetry:
 
 
 @contextlib.contextmanager
-def session(cfg: TrainConfig, run_dir: Path, info: RunInfo):
+def session(cfg: TrainConfig, run_dir: Path, info: RunInfo, main: bool = True):
     """Telemetry for one run; its W&B run is finished however the run ends, so trials of a
     sweep in one process never merge into one W&B run. Only the main process of a distributed
-    run logs."""
-    if not distributed.is_main():
+    run logs (`main`)."""
+    if not main:
         yield Telemetry(None)
         return
     telemetry = Telemetry(run_dir, start_wandb(cfg, run_dir, info) if cfg.logger.name == "wandb" else None)
@@ -202,7 +158,7 @@ def session(cfg: TrainConfig, run_dir: Path, info: RunInfo):
 
 def start_wandb(cfg: TrainConfig, run_dir: Path, info: RunInfo):
     """A W&B run for this training job, or None (with one warning) when W&B cannot start."""
-    return _init_wandb(
+    return init_wandb(
         project=cfg.logger.project, entity=cfg.logger.entity,
         name=info.name, group=info.group, job_type=info.job_type,
         tags=[cfg.model.name_or_path.rstrip("/").split("/")[-1][:64],
@@ -211,33 +167,7 @@ def start_wandb(cfg: TrainConfig, run_dir: Path, info: RunInfo):
         dir=str(run_dir), id=_wandb_id(run_dir), resume="allow")
 
 
-def log_sweep_summary(config, study_name: str, sweep_dir: Path, table, plots: list[Path]) -> None:
-    """With logger=wandb: the sweep's trials table and plots as a W&B run of job_type
-    sweep-summary, grouped with its trials (they stay as files in the sweep dir either way)."""
-    if OmegaConf.select(config, "logger.name") != "wandb":
-        return
-    sweeper = config.hydra.sweeper
-    run = _init_wandb(
-        project=OmegaConf.select(config, "logger.project"),
-        entity=OmegaConf.select(config, "logger.entity"),
-        name=f"{study_name} summary", group=study_name, job_type="sweep-summary", dir=str(sweep_dir),
-        config={"study_name": study_name, "n_trials": sweeper.n_trials,
-                "direction": OmegaConf.to_container(sweeper.direction) if OmegaConf.is_list(
-                    sweeper.direction) else sweeper.direction,
-                "params": OmegaConf.to_container(sweeper.params or {}, resolve=True)})
-    telemetry = Telemetry(sweep_dir, run)
-    when = table.select_dtypes(include=["datetime", "timedelta"]).columns
-    def send(run):
-        import wandb
-
-        run.log({"trials": wandb.Table(dataframe=table.astype({c: str for c in when})),
-                 **{p.stem: wandb.Image(str(p)) for p in plots}})
-
-    telemetry._wandb(send)
-    telemetry.finish(failed=False)
-
-
-def _init_wandb(*, project, entity, **kwargs):
+def init_wandb(*, project, entity, **kwargs):
     try:
         import wandb
 

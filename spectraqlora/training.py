@@ -5,9 +5,7 @@ import dataclasses
 import gc
 import inspect
 import logging
-import math
 import signal
-import statistics
 import time
 from pathlib import Path
 
@@ -16,15 +14,15 @@ import torch
 import transformers
 from transformers import TrainingArguments
 
-from spectraqlora import data, distributed, rundir
+from spectraqlora import data, metrics, rundir
 from spectraqlora.config import TrainConfig, Task
 from spectraqlora.errors import NonFiniteLoss
-from spectraqlora.telemetry import Telemetry, memory, show_progress
+from spectraqlora.telemetry import Telemetry, show_progress
 
 log = logging.getLogger(__name__)
 
 
-def training_arguments(cfg: TrainConfig, run_dir: Path) -> TrainingArguments:
+def training_arguments(cfg: TrainConfig, run_dir: Path, fsdp: bool = False) -> TrainingArguments:
     knobs = dataclasses.asdict(cfg.trainer)
     bf16 = knobs.pop("bf16")
     if bf16 is None:
@@ -50,7 +48,7 @@ def training_arguments(cfg: TrainConfig, run_dir: Path) -> TrainingArguments:
         remove_unused_columns=False,
         label_names=["labels"],
         prediction_loss_only=cfg.model.task is not Task.classification,
-        **{**knobs, "optim": optimizer(knobs["optim"])},
+        **{**knobs, "optim": optimizer(knobs["optim"], fsdp)},
     )
 
 
@@ -58,13 +56,13 @@ def training_arguments(cfg: TrainConfig, run_dir: Path) -> TrainingArguments:
 _UNPAGED = {"paged_adamw_8bit": "adamw_8bit", "paged_adamw_32bit": "adamw_torch"}
 
 
-def optimizer(name: str | None) -> str:
+def optimizer(name: str | None, fsdp: bool = False) -> str:
     """trainer.optim for TrainingArguments: null picks paged 8-bit AdamW on CUDA, AdamW
     elsewhere and under FSDP (whose checkpoints paged 8-bit AdamW cannot save, as peft's FSDP
     guide says); a paged optimizer asked for on a machine without CUDA falls back (one line)."""
     cuda = torch.cuda.is_available()
     if name is None:
-        return "paged_adamw_8bit" if cuda and not distributed.fsdp() else "adamw_torch"
+        return "paged_adamw_8bit" if cuda and not fsdp else "adamw_torch"
     if name in _UNPAGED and not cuda:
         log.info("trainer.optim=%s: no GPU to page from, using %s", name, _UNPAGED[name])
         return _UNPAGED[name]
@@ -207,13 +205,8 @@ def accuracy(eval_pred) -> dict:
     return {"accuracy": float((np.argmax(logits, axis=-1) == labels).mean())}
 
 
-# Trainer log keys -> telemetry keys (README, "Telemetry")
-_KEYS = {"loss": "train/loss", "learning_rate": "train/lr", "grad_norm": "train/grad_norm",
-         "eval_loss": "eval/loss", "eval_accuracy": "eval/accuracy"}
-
-
 class TelemetryCallback(transformers.TrainerCallback):
-    """The Trainer's logs under the telemetry keys, plus throughput over each logging window
+    """The Trainer's logs under the logged names, plus throughput over each logging window
     (step times of training steps only, so evaluations in between do not count) and memory."""
 
     def __init__(self, telemetry: Telemetry, task: Task):
@@ -234,47 +227,30 @@ class TelemetryCallback(transformers.TrainerCallback):
         self.steps.append(self.window[-1])
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        out = {new: logs[old] for old, new in _KEYS.items() if old in (logs or {})}
-        if "eval/loss" in out and self.task is not Task.classification:
-            out["eval/perplexity"] = perplexity(out["eval/loss"])
-        if "train/loss" in out and self.window:
-            out.update(throughput(self.window, state.num_input_tokens_seen - self.tokens_window, args))
-            out["perf/train_tokens"] = state.num_input_tokens_seen
+        logs = logs or {}
+        out = {new: logs[old] for old, new in metrics.TRAINER_KEYS.items() if old in logs}
+        figures = {}
+        if "eval_loss" in logs and self.task is not Task.classification:
+            figures["eval_perplexity"] = metrics.perplexity(logs["eval_loss"])
+        if "loss" in logs and self.window:
+            figures.update(metrics.throughput(self.window, state.num_input_tokens_seen - self.tokens_window,
+                                              _samples_per_step(args)),
+                           train_tokens=state.num_input_tokens_seen)
             self.window, self.tokens_window = [], state.num_input_tokens_seen
-        if out:
-            self.telemetry.log({**out, **memory()}, state.global_step)
+        if out or figures:
+            self.telemetry.log({**out, **metrics.logged({**figures, **metrics.memory()})}, state.global_step)
 
     def totals(self, args, state) -> dict:
         """Throughput over every training step this process ran (for metrics.json)."""
         if not self.steps:
             return {}
-        return {**throughput(self.steps, state.num_input_tokens_seen - self.tokens_begin, args),
-                "perf/train_tokens": state.num_input_tokens_seen}
+        return {**metrics.throughput(self.steps, state.num_input_tokens_seen - self.tokens_begin,
+                                     _samples_per_step(args)),
+                "train_tokens": state.num_input_tokens_seen}
 
 
-class PruningCallback(transformers.TrainerCallback):
-    """Reports each eval loss to the Optuna trial this run is, and stops the run when the
-    study's pruner says so (the sweeper records the trial PRUNED with that last value)."""
-
-    def __init__(self, trial):
-        self.trial = trial
-
-    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        import optuna
-
-        if state.global_step == 0 or "eval_loss" not in (metrics or {}):
-            return
-        self.trial.report(metrics["eval_loss"], state.global_step)
-        if self.trial.should_prune():
-            raise optuna.TrialPruned(f"eval loss {metrics['eval_loss']:.6g} at step {state.global_step}")
-
-
-def throughput(step_times: list[float], tokens: int, args: TrainingArguments) -> dict:
-    busy = sum(step_times)
-    samples = len(step_times) * args.train_batch_size * args.gradient_accumulation_steps * args.world_size
-    return {"perf/step_time_s": statistics.median(step_times),
-            "perf/tokens_per_sec": tokens / busy,
-            "perf/samples_per_sec": samples / busy}
+def _samples_per_step(args: TrainingArguments) -> int:
+    return args.train_batch_size * args.gradient_accumulation_steps * args.world_size
 
 
 class LogProgress(transformers.TrainerCallback):
@@ -303,11 +279,11 @@ class LogProgress(transformers.TrainerCallback):
                      per_step, time.strftime("%H:%M:%S", time.gmtime(left)))
 
 
-def build_trainer(net, tokenized, tokenizer, cfg: TrainConfig, run_dir: Path,
-                  callbacks: list | None = None, choices: data.LabelChoices | None = None) -> Trainer:
+def build_trainer(net, tokenized, tokenizer, cfg: TrainConfig, run_dir: Path, callbacks: list | None = None,
+                  choices: data.LabelChoices | None = None, fsdp: bool = False) -> Trainer:
     trainer = Trainer(
         model=net,
-        args=training_arguments(cfg, run_dir),
+        args=training_arguments(cfg, run_dir, fsdp),
         train_dataset=tokenized["train"],
         eval_dataset=tokenized["eval"],
         data_collator=data.collator(tokenizer, cfg.model.task),
@@ -344,7 +320,7 @@ def evaluate(trainer: Trainer, task: Task) -> dict:
     unmark_prepared(trainer)
     out = {"eval_loss": raw["eval_loss"]}
     if task is not Task.classification:
-        out["eval_perplexity"] = perplexity(raw["eval_loss"])
+        out["eval_perplexity"] = metrics.perplexity(raw["eval_loss"])
     if "eval_accuracy" in raw:
         out["eval_accuracy"] = raw["eval_accuracy"]
     return out
@@ -360,10 +336,6 @@ def unmark_prepared(trainer: Trainer) -> None:
     if ddp_to_come and getattr(model, "_is_accelerate_prepared", False):
         model._is_accelerate_prepared = False
         trainer.accelerator._models = [m for m in trainer.accelerator._models if m is not model]
-
-
-def perplexity(loss: float) -> float:
-    return math.exp(min(loss, 700.0))
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

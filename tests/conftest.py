@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from spectraqlora.config import compose  # noqa: F401 (the tests' import)
+
 # No hub at test time; generated checkpoints go to a per-session cache.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("WANDB_MODE", "disabled")
@@ -53,17 +55,6 @@ def default_run(tmp_path_factory):
     return run_dir, result
 
 
-def compose(*overrides: str):
-    """The composed train config, as Hydra builds it for those overrides."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from spectraqlora.config import CONF_DIR
-
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return hydra_compose(config_name="train", overrides=list(overrides))
-
-
 class Gate:
     """Drives tests/apps/gated.py: which trial each worker started, and releasing them."""
 
@@ -79,3 +70,11 @@ class Gate:
     def release(self, trial: int) -> None:
         (self.path / f"release.{trial}").touch()
         self.released.add(trial)
+
+
+def train_run(cfg, run_dir: Path, info=None) -> dict:
+    """One training run in this process, as recipe.train runs a single run's plan."""
+    from spectraqlora import recipe
+    from spectraqlora.telemetry import RunInfo
+
+    return recipe.train(recipe.Plan(cfg, Path(run_dir), info or RunInfo()))

@@ -43,7 +43,7 @@ def test_accelerate_launch_two_processes_trains_like_one(tmp_path):
     assert train_steps == [5, 10]  # each step logged once, not once per rank
     ddp = json.loads((run_dir / "metrics.json").read_text())
 
-    from spectraqlora.train import run
+    from conftest import train_run as run
 
     single = run(to_train_config(compose(*SMOKE, scan)), tmp_path / "single")
     assert ddp["train_tokens"] == single["train_tokens"]  # the same rows per step
@@ -53,25 +53,28 @@ def test_accelerate_launch_two_processes_trains_like_one(tmp_path):
 
 def test_fsdp_stores_4bit_weights_in_the_model_dtype(monkeypatch):
     """FSDP-QLoRA: bnb_4bit_quant_storage is the compute dtype, which must be model.dtype."""
+    from spectraqlora.distributed import Launch
     from spectraqlora.modeling import bnb_config
 
     cfg = to_train_config(compose("model=tiny_llama", "model.dtype=bfloat16"))
     assert str(bnb_config(cfg.quant, cfg.model).bnb_4bit_quant_storage) == "torch.uint8"
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # as accelerate launch sets it for FSDP
-    assert str(bnb_config(cfg.quant, cfg.model).bnb_4bit_quant_storage) == "torch.bfloat16"
+    fsdp = Launch.from_env().fsdp
+    assert fsdp and str(bnb_config(cfg.quant, cfg.model, fsdp).bnb_4bit_quant_storage) == "torch.bfloat16"
     cfg = to_train_config(compose("model=tiny_llama", "model.dtype=bfloat16", "quant.storage_dtype=float32"))
     with pytest.raises(UserError, match=r"quant.storage_dtype \(float32\) must equal model.dtype \(bfloat16\)"):
-        bnb_config(cfg.quant, cfg.model)
+        bnb_config(cfg.quant, cfg.model, fsdp)
 
 
 def test_a_sweep_is_refused_under_accelerate_launch(monkeypatch):
-    from spectraqlora.distributed import check_not_a_sweep
+    from spectraqlora.distributed import Launch
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
+    launch = Launch.from_env()
     with pytest.raises(UserError, match="a sweep .* runs one process per trial"):
-        check_not_a_sweep(["-m", "hparams_search=snr_rank"])
-    check_not_a_sweep(["model=tiny_llama"])
+        launch.check_not_a_sweep(["-m", "hparams_search=snr_rank"])
+    launch.check_not_a_sweep(["model=tiny_llama"])
 
 
 def test_the_shipped_accelerate_configs_load():

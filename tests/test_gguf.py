@@ -95,7 +95,7 @@ def test_any_gguf_converts_once_under_the_cache_and_scans(tmp_path, cache_dir):
     import torch
     from safetensors.torch import load_file
 
-    from spectraqlora.scan import compute
+    from spectraqlora.scanner import compute
 
     weights = write_tiny_llama_gguf(tmp_path / "tiny.gguf")
     cfg = to_train_config(compose("model=gguf", f"model.gguf_file={tmp_path / 'tiny.gguf'}")).model
@@ -148,7 +148,7 @@ def test_smollm2_snr_of_every_module_equals_spectrum_py():
     spectrum.py's formula written out in test_scan_cache_exports (fp32 svdvals of each matrix)."""
     from safetensors import safe_open
 
-    from spectraqlora.scan import compute
+    from spectraqlora.scanner import compute
     from test_scan_cache_exports import reference_snr
 
     files = checkpoint.safetensors_files(checkpoint.resolve(to_train_config(compose("model=smollm2")).model))

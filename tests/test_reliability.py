@@ -12,8 +12,8 @@ import time
 import pytest
 import torch
 
-from conftest import compose, run_cli
-from spectraqlora import checkpoint, modeling, rundir, train
+from conftest import compose, run_cli, train_run
+from spectraqlora import checkpoint, modeling, rundir
 from spectraqlora.config import to_train_config
 from spectraqlora.errors import NonFiniteLoss, OutOfMemory, UserError
 
@@ -28,16 +28,16 @@ def config(*overrides):
 def reference(tmp_path_factory):
     """An uninterrupted smoke run, in process."""
     run_dir = tmp_path_factory.mktemp("reference")
-    return run_dir, train.run(config(), run_dir)
+    return run_dir, train_run(config(), run_dir)
 
 
 def test_same_seed_gives_the_same_selection_and_loss(reference, tmp_path):
     ref_dir, ref = reference
-    again = train.run(config(), tmp_path)
+    again = train_run(config(), tmp_path)
     assert again["eval_loss"] == pytest.approx(ref["eval_loss"], abs=1e-5)
     selected = json.loads((tmp_path / "selection.json").read_text())["modules"]
     assert selected == json.loads((ref_dir / "selection.json").read_text())["modules"]
-    from spectraqlora.scan import scan_and_select
+    from spectraqlora.scanner import scan_and_select
 
     files = checkpoint.safetensors_files(checkpoint.resolve(config().model))
     assert scan_and_select(files, config("seed=7"))[1] != selected  # the seed does matter
@@ -61,7 +61,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(reference, tmp_path):
     assert not any(name.startswith("model") for name in saved)  # never the 4-bit base
 
     with pytest.raises(UserError, match=r"already holds checkpoints \(checkpoint-\d+\): add trainer.resume=true"):
-        train.run(config(), run_dir)
+        train_run(config(), run_dir)
 
     resumed = run_cli("train", *args, "trainer.resume=true", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -70,13 +70,13 @@ def test_killed_run_resumes_to_the_uninterrupted_result(reference, tmp_path):
     assert metrics["train_steps"] == 20
     assert metrics["eval_loss"] == pytest.approx(ref["eval_loss"], abs=1e-4)
     assert not (run_dir / "checkpoints").exists()  # trainer.keep_checkpoints=false
-    assert train.run(config("trainer.resume=true"), run_dir) == metrics  # finished: nothing to do
+    assert train_run(config("trainer.resume=true"), run_dir) == metrics  # finished: nothing to do
 
 
 def test_nonfinite_loss_stops_the_run_without_a_result(tmp_path):
     cfg = config("trainer.learning_rate=1e9", "trainer.max_grad_norm=0")
     with pytest.raises(NonFiniteLoss, match=r"training loss became nan at step \d+.*trainer.on_nonfinite_loss=skip"):
-        train.run(cfg, tmp_path)
+        train_run(cfg, tmp_path)
     assert not (tmp_path / "metrics.json").exists()
 
 
@@ -124,7 +124,7 @@ def test_out_of_memory_names_the_configuration(tmp_path, monkeypatch):
     with pytest.raises(OutOfMemory, match=r"out of memory \(CUDA out of memory. Tried to allocate "
                        r"20.00 GiB\) with model=.*tiny-llama.*selection=random top_frac=0.25, "
                        r"lora.r=8, .*per_device_train_batch_size=8"):
-        train.run(config(), tmp_path)
+        train_run(config(), tmp_path)
     assert not (tmp_path / "metrics.json").exists()
 
 
@@ -192,7 +192,7 @@ def _no_column(tmp_path):
 ])
 def test_bad_input_is_one_clear_error_and_no_result(tmp_path, make, message):
     with pytest.raises(UserError) as caught:
-        train.run(config(*make(tmp_path)), tmp_path)
+        train_run(config(*make(tmp_path)), tmp_path)
     assert message in str(caught.value)
     assert "\n" not in str(caught.value)
     assert not (tmp_path / "metrics.json").exists()
@@ -201,12 +201,12 @@ def test_bad_input_is_one_clear_error_and_no_result(tmp_path, make, message):
 def test_quantization_without_a_working_bitsandbytes_is_refused_early(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails as on a broken install
     with pytest.raises(UserError, match="quant=nf4 needs a working bitsandbytes.*use quant=none"):
-        train.run(config(), tmp_path)
+        train_run(config(), tmp_path)
 
 
 def test_layers_out_of_range_are_refused_before_the_scan(tmp_path):
     with pytest.raises(UserError, match=r"\[9\] out of range; this model has layers 0..3"):
-        train.run(config("selection=layers", "selection.layers=[9]"), tmp_path)
+        train_run(config("selection=layers", "selection.layers=[9]"), tmp_path)
     assert not (tmp_path / "snr.json").exists()  # the checkpoint's config.json told
 
 
@@ -220,7 +220,7 @@ def test_a_run_dir_in_use_is_refused_and_its_lock_dies_with_its_process(tmp_path
         for resume in ("false", "true"):
             with pytest.raises(UserError, match=rf"is in use by another run \(pid {holder.pid} on .*\): "
                                                 r"wait for it to end, or choose another hydra.run.dir"):
-                train.run(config(f"trainer.resume={resume}"), tmp_path)
+                train_run(config(f"trainer.resume={resume}"), tmp_path)
         assert not rundir.discard_if_untrained(tmp_path)  # never removed under a live run
     finally:
         holder.kill()  # as a crash: the OS drops the lock, none goes stale
@@ -297,7 +297,7 @@ def test_a_decoder_lm_as_a_classifier_trains_its_new_score_head_whole_and_unquan
     kept out of 4-bit and trained whole, not left random and frozen."""
     from safetensors import safe_open
 
-    metrics = train.run(config("model.task=classification", "trainer.max_steps=4", "trainer.eval_steps=0",
+    metrics = train_run(config("model.task=classification", "trainer.max_steps=4", "trainer.eval_steps=0",
                                "trainer.save_steps=0"), tmp_path)
     assert 0 <= metrics["eval_accuracy"] <= 1
     with safe_open(str(tmp_path / "adapter" / "adapter_model.safetensors"), "pt") as f:

@@ -4,7 +4,7 @@ import json
 import pytest
 import yaml
 
-from conftest import compose, run_cli
+from conftest import compose, run_cli, train_run
 from spectraqlora import report
 from spectraqlora.config import to_train_config
 from spectraqlora.errors import UserError
@@ -67,7 +67,7 @@ def test_report_of_a_dir_without_finished_runs_is_one_clear_error(tmp_path):
     ("all", "all", 6), ("head_only", "none", 0)])
 def test_strategy_study_arms_match_their_budget_on_minilm(arm, strategy, per_type):
     from spectraqlora import checkpoint
-    from spectraqlora.scan import scan_and_select
+    from spectraqlora.scanner import scan_and_select
 
     cfg = to_train_config(compose("experiment=strategy_study", f"arm={arm}", "seed=2"))
     assert cfg.selection.strategy.value == strategy and cfg.lora.r == 8
@@ -77,16 +77,15 @@ def test_strategy_study_arms_match_their_budget_on_minilm(arm, strategy, per_typ
 
 
 def test_head_only_trains_the_classifier_alone_and_reloads(tmp_path):
-    from spectraqlora import train
-    from spectraqlora.evaluate import evaluate_run
-
     from omegaconf import OmegaConf
+
+    from spectraqlora.evaluate import evaluate_run
 
     composed = compose("selection=none", "trainer.max_steps=4", "trainer.eval_steps=0",
                        "dataset.eval_size=32", "dataset.train_size=64")
     (tmp_path / ".hydra").mkdir()
     OmegaConf.save(composed, tmp_path / ".hydra" / "config.yaml")  # as Hydra writes it
-    metrics = train.run(to_train_config(composed), tmp_path)
+    metrics = train_run(to_train_config(composed), tmp_path)
     assert metrics["trainable_params"] == 384 * 2 + 2  # MiniLM's classifier: hidden 384, 2 classes
     assert metrics["selected_modules"] == 0
     again = evaluate_run(tmp_path)

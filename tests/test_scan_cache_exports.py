@@ -9,11 +9,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from conftest import run_cli
-from spectraqlora import scan as scan_module
+from spectraqlora import scanner as scan_module
 from spectraqlora.checkpoint import safetensors_files
 from spectraqlora.config import ScanConfig, SelectionConfig, Strategy
 from spectraqlora.exports import spectrum_results, unfrozen_parameters_yaml
-from spectraqlora.scan import compute, scan
+from spectraqlora.scanner import compute, scan
 from spectraqlora.selection import select
 
 

@@ -7,8 +7,8 @@ from safetensors.torch import save_file
 from spectraqlora.checkpoint import safetensors_files
 from spectraqlora.config import SelectionConfig, Strategy
 from spectraqlora.errors import UserError
-from spectraqlora.scan import compute, restrict_types
-from spectraqlora.selection import select, spectrum
+from spectraqlora.scanner import compute
+from spectraqlora.selection import restrict_types, select, spectrum
 from spectraqlora.snr import spectrum_snr
 
 

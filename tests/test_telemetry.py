@@ -3,8 +3,8 @@ import json
 import logging
 import math
 
-from conftest import SECRETS, compose
-from spectraqlora import telemetry, train
+from conftest import SECRETS, compose, train_run
+from spectraqlora import telemetry
 from spectraqlora.config import to_train_config
 
 KEYS = ["train/loss", "train/lr", "train/grad_norm", "eval/loss", "eval/perplexity",
@@ -69,7 +69,7 @@ def test_two_runs_in_one_process_are_two_wandb_runs(monkeypatch, tmp_path):
     monkeypatch.setenv("WANDB_MODE", "offline")
     cfg = to_train_config(compose(*QUICK, "logger=wandb"))
     for name in ("a", "b"):
-        train.run(cfg, tmp_path / name, telemetry.RunInfo(name=name, group="g", job_type="sweep-trial"))
+        train_run(cfg, tmp_path / name, telemetry.RunInfo(name=name, group="g", job_type="sweep-trial"))
     import wandb
 
     assert wandb.run is None  # finished, not left open for the next trial
@@ -82,7 +82,7 @@ def test_two_runs_in_one_process_are_two_wandb_runs(monkeypatch, tmp_path):
 def test_a_wandb_failure_does_not_fail_training(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("WANDB_MODE", "bogus")
     with caplog.at_level(logging.WARNING):
-        metrics = train.run(to_train_config(compose(*QUICK, "logger=wandb")), tmp_path)
+        metrics = train_run(to_train_config(compose(*QUICK, "logger=wandb")), tmp_path)
     assert "W&B could not start" in caplog.text
     assert (tmp_path / "metrics.json").is_file() and math.isfinite(metrics["eval_loss"])
     assert (tmp_path / "metrics.jsonl").is_file()
@@ -105,10 +105,10 @@ def test_a_runs_memory_peak_starts_with_the_run_not_with_the_process():
     """Jobs of a multirun share a process: each run's peak RSS starts over (VmHWM reset)."""
     import numpy as np
 
-    from spectraqlora.telemetry import memory, reset_peak_memory
+    from spectraqlora.metrics import memory, reset_peak_memory
 
     big = np.ones(400 * 2**20 // 8)  # 400 MB, touched
-    high = memory()["mem/peak_rss_gb"]
+    high = memory()["peak_rss_gb"]
     del big
     reset_peak_memory()
-    assert memory()["mem/peak_rss_gb"] < high - 0.3
+    assert memory()["peak_rss_gb"] < high - 0.3

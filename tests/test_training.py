@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from conftest import compose
-from spectraqlora import checkpoint, data, modeling, train
+from conftest import compose, train_run
+from spectraqlora import checkpoint, data, modeling
 from spectraqlora.config import Task, to_train_config
 from spectraqlora.errors import UserError
 from spectraqlora.training import optimizer
@@ -26,7 +26,7 @@ def test_paged_optimizers_fall_back_on_cpu_with_one_line(caplog):
 @pytest.mark.parametrize("optim, packing", [("paged_adamw_8bit", False), ("adamw_torch", True)])
 def test_training_steps_with_each_optimizer(tmp_path, optim, packing):
     overrides = [f"trainer.optim={optim}", f"dataset.packing={packing}"]
-    metrics = train.run(to_train_config(compose(*QUICK, *overrides)), tmp_path)
+    metrics = train_run(to_train_config(compose(*QUICK, *overrides)), tmp_path)
     assert metrics["train_steps"] == 3 and math.isfinite(metrics["eval_loss"])
     assert metrics["eval_loss"] < metrics["eval_loss_before"]
 

@@ -35,9 +35,10 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_method, instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from spectraqlora import rundir, telemetry
+from spectraqlora import rundir
 from spectraqlora.errors import UserError, exit_on_user_error
-from spectraqlora.sweep import make_pruner, make_storage, storage_url, study_lock, study_name
+from spectraqlora.sweep import (log_sweep_summary, make_pruner, make_storage, storage_url, study_lock,
+                                study_name)
 
 log = logging.getLogger(__name__)
 State = optuna.trial.TrialState
@@ -539,7 +540,7 @@ class SweeperImpl:
         if final:
             log.info("%s:\n%s", self.sweep_dir / RESULTS, (self.sweep_dir / RESULTS).read_text())
             if self._claim_summary(study):
-                telemetry.log_sweep_summary(self.config, self.study_name, self.sweep_dir, table, plots)
+                log_sweep_summary(self.config, self.study_name, self.sweep_dir, table, plots)
 
     def _claim_summary(self, study: optuna.Study) -> bool:
         """True for the one worker that ends the study (no trial running); later resumes that

@@ -6,6 +6,8 @@ from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 
+from spectraqlora.sweep import SWEEPER
+
 
 @dataclass
 class SamplerConfig:
@@ -125,7 +127,7 @@ class NopPrunerConfig:
 
 @dataclass
 class SpectraOptunaSweeperConf:
-    _target_: str = "hydra_plugins.spectraqlora_optuna_sweeper.optuna_sweeper.SpectraOptunaSweeper"
+    _target_: str = SWEEPER
     # sampler and pruner stay configs: a resumed study reseeds the sampler, a grid sampler takes
     # its space from params, and training jobs build the same pruner
     _recursive_: bool = False
