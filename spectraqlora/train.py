@@ -73,6 +73,16 @@ def hydra_main(cfg: DictConfig) -> float:
     return metrics["eval_loss"]
 
 
+def say_model_preset(hydra_cfg, cfg) -> None:
+    """A model config may pick its trainer preset (model=minilm: trainer=small, a higher learning
+    rate): said in one line when it does and the command line named no trainer."""
+    chosen = hydra_cfg.runtime.choices.get("trainer")
+    typed = any(o.split("=")[0].lstrip("+~") == "trainer" for o in hydra_cfg.overrides.task)
+    if chosen not in (None, "default") and not typed:
+        log.info("trainer=%s: the preset model=%s picks (learning_rate=%g); trainer=default for the "
+                 "defaults", chosen, hydra_cfg.runtime.choices.get("model"), cfg.trainer.learning_rate)
+
+
 def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt(signum)
 
@@ -99,6 +109,7 @@ def job(cfg: DictConfig, hydra_cfg, run_dir: Path, single: bool) -> recipe.Plan:
     the Optuna trial to report to; signals stop single runs with a checkpoint."""
     name = ",".join(o for o in hydra_cfg.overrides.task if not o.startswith("hydra.")) or "default"
     train_cfg = to_train_config(cfg)
+    say_model_preset(hydra_cfg, train_cfg)
     if hydra_cfg.mode is not RunMode.MULTIRUN:
         return recipe.Plan(train_cfg, run_dir, RunInfo(name=name), stop_on_signal=single)
     info = RunInfo(name=name, group=study_name(hydra_cfg.sweeper, hydra_cfg.sweep.dir), job_type="sweep-trial")

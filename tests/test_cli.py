@@ -25,6 +25,7 @@ def test_default_job_trains_minilm_to_090_and_evaluate_reproduces_it(default_run
     run_dir, result = default_run
     out = result.stdout + result.stderr
     assert "selected 6 of 36 modules (spectrum)" in out
+    assert "trainer=small: the preset model=minilm picks (learning_rate=0.002)" in out  # said, not silent
     assert "before training: loss=" in out and "accuracy=" in out
     metrics = finished(run_dir)
     assert metrics["eval_accuracy"] >= 0.90
@@ -54,6 +55,7 @@ def test_tiny_llama_causal_lm_smoke_learns_and_reproduces(smoke_run):
     assert re.fullmatch(r"  wall time    \d+\.\d s", summary[3])
     out = result.stdout + result.stderr  # piped, as in a job log
     assert "\x1b" not in out and "FutureWarning" not in out and "{'loss'" not in out
+    assert "the preset model=" not in out  # trainer=smoke was typed
     assert re.search(r"step 20/20: loss \d+\.\d+  lr \S+  \d+\.\d+ s/step  00:00:00 left", out)
     assert metrics["eval_perplexity"] == pytest.approx(2.718281828 ** metrics["eval_loss"], rel=1e-6)
     assert metrics["train_steps"] == 20

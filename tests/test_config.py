@@ -1,11 +1,12 @@
 import re
+from pathlib import Path
 
 import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
 from conftest import compose
-from spectraqlora.config import Quant, Strategy, Task, to_train_config
+from spectraqlora.config import CONF_DIR, Quant, Strategy, Task, to_train_config
 from spectraqlora.errors import UserError
 
 
@@ -64,8 +65,29 @@ def test_wrong_type_and_unknown_key_are_refused_while_composing():
         compose("lora.r=eight")
     with pytest.raises(ConfigCompositionException, match="model/nope"):
         compose("model=nope")
-    with pytest.raises(ConfigCompositionException):
-        compose("quant.mode=nf5")
+    for override in ("quant.mode=nf5", "trainer.on_nonfinite_loss=ignore", "lora.bias=some", "logger.name=tensorboard"):
+        with pytest.raises(ConfigCompositionException, match=f"Error merging override {re.escape(override)}"):
+            compose(override)
+
+
+def _options():
+    """(group, option) for every YAML option under conf/ that a training run composes."""
+    root = Path(CONF_DIR)
+    groups = [d for d in sorted(root.iterdir()) if d.is_dir() and d.name not in ("hydra", "accelerate")]
+    return [(g.name, f.stem) for g in groups for f in sorted(g.glob("*.yaml"))]
+
+
+NEEDS = {("model", "gguf"): ["model.gguf_file=/models/any.gguf"], ("dataset", "file"): ["dataset.path=rows.jsonl"]}
+
+
+@pytest.mark.parametrize("group, option", _options())
+def test_every_shipped_option_composes_and_validates(group, option):
+    """torchtune's test_configs, for Hydra groups: each option on its own over the defaults."""
+    own = {"arm", "llm_arm"}  # groups only experiments name
+    override = f"{'+' if group in own else ''}{group}={option}"
+    cfg = to_train_config(compose(override, *NEEDS.get((group, option), [])))
+    assert cfg.model.name_or_path and cfg.lora.r > 0
+
 
 
 @pytest.mark.parametrize("override, message", [

@@ -3,7 +3,9 @@ import importlib.util
 import pytest
 
 from spectraqlora.config import DatasetConfig, Task
-from spectraqlora.data import _POSITIVE, IGNORE_INDEX, label_names, load, synthetic, tokenize
+from spectraqlora.chat import IGNORE_INDEX
+from spectraqlora.data import label_names, load, tokenize
+from spectraqlora.sources import _POSITIVE, synthetic
 from spectraqlora.errors import UserError
 
 

@@ -186,7 +186,7 @@ def _no_column(tmp_path):
     (lambda _: ["trainer.per_device_train_batch_size=-1"], "trainer.per_device_train_batch_size=-1 is out of range"),
     (lambda _: ["trainer.max_steps=-5"], "trainer.max_steps=-5 is out of range"),
     (lambda _: ["lora.dropout=1.0"], "lora.dropout=1.0 is out of range: expected a probability in [0, 1)"),
-    (lambda _: ["trainer.on_nonfinite_loss=ignore"], "expected one of error, skip"),
+    (lambda _: ["lora.alpha=0"], "lora.alpha=0 is out of range: expected a positive integer"),
     (lambda _: ["lora.r=100000"], "rank 100000 is larger than the smaller dimension of model.layers."),
     (lambda _: ["dataset.max_length=2"], "dataset.max_length=2 leaves no response token in any of"),
 ])

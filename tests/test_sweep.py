@@ -147,7 +147,7 @@ def test_the_plugin_is_found_in_an_installed_wheel(tmp_path):
 def test_search_space_syntax_matches_hydra_optuna_sweeper():
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-    from hydra_plugins.spectraqlora_optuna_sweeper._impl import distribution
+    from hydra_plugins.spectraqlora_optuna_sweeper.space import distribution
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     def parsed(line):
@@ -165,11 +165,10 @@ def test_search_space_syntax_matches_hydra_optuna_sweeper():
 
 
 def test_storage_passwords_stay_out_of_results_and_logs():
-    from hydra_plugins.spectraqlora_optuna_sweeper._impl import SweeperImpl
+    from hydra_plugins.spectraqlora_optuna_sweeper.results import shown_url
 
-    sweeper = SweeperImpl(None, None, "minimize", None, None, "s", 1, 1, 0.5, 60, None, None)
-    sweeper.url = "postgresql://optuna:s3cret@db.example:5432/studies"
-    assert "s3cret" not in sweeper._shown_url() and "db.example:5432/studies" in sweeper._shown_url()
+    shown = shown_url("postgresql://optuna:s3cret@db.example:5432/studies")
+    assert "s3cret" not in shown and "db.example:5432/studies" in shown
 
 
 def test_optuna_dashboard_serves_a_sweeps_sqlite_study(tmp_path):
@@ -210,7 +209,7 @@ def test_optunas_plot_style_does_not_leak_into_later_figures(tmp_path):
     grid lines through their cells. Each figure now draws in a style context of its own."""
     import matplotlib.pyplot as plt
 
-    from hydra_plugins.spectraqlora_optuna_sweeper._impl import plot_study
+    from hydra_plugins.spectraqlora_optuna_sweeper.results import plot_study
 
     before = dict(plt.rcParams)
     study = optuna.create_study()

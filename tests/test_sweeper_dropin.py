@@ -9,7 +9,7 @@ import optuna
 import yaml
 
 from conftest import ROOT, Gate
-from hydra_plugins.spectraqlora_optuna_sweeper._impl import trial_seed
+from hydra_plugins.spectraqlora_optuna_sweeper.space import trial_seed
 
 APP = ROOT / "tests" / "apps" / "gated.py"
 
@@ -131,14 +131,13 @@ def sampler_of(*overrides):
     """The sampler spectraqlora's sweeper builds for `hparams_search=snr_rank` + overrides."""
     from hydra import compose, initialize_config_dir
 
-    from hydra_plugins.spectraqlora_optuna_sweeper._impl import SweeperImpl
+    from hydra_plugins.spectraqlora_optuna_sweeper.space import make_sampler
     from spectraqlora.config import CONF_DIR
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="train", return_hydra_config=True,
                       overrides=["hparams_search=snr_rank", *overrides])
-    sweeper = SweeperImpl(cfg.hydra.sweeper.sampler, None, "minimize", None, None, "s", 1, 1, 0.5, 60, None, None)
-    return sweeper._sampler({}, 0)
+    return make_sampler(cfg.hydra.sweeper.sampler, {}, 0)
 
 
 def test_the_peers_sampler_keys_are_ours():

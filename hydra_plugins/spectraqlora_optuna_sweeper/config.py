@@ -90,7 +90,7 @@ class GridSamplerConfig(SamplerConfig):
 class RemovedSamplerConfig:
     """A sampler optuna no longer has: choosing it is one clear error."""
 
-    _target_: str = "hydra_plugins.spectraqlora_optuna_sweeper._impl.removed_sampler"
+    _target_: str = "hydra_plugins.spectraqlora_optuna_sweeper.space.removed_sampler"
     name: str = "motpe"
     seed: Optional[int] = None
 
