@@ -40,6 +40,7 @@ def pieces(tokenizer, *parts: tuple[str, int]) -> tuple[list[int], list[int]]:
     return ids, kinds
 
 
+@pytest.mark.slow
 def test_only_assistant_turns_are_learned_token_for_token(tokenizer):
     ids, kinds = pieces(
         tokenizer,
@@ -90,6 +91,7 @@ def test_chat_template_settings_that_cannot_be_met_are_refused(tokenizer):
     assert to_train_config(compose("dataset.chat_template=true")).dataset.chat_template == "True"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("chitchat_dataset") is None,
                     reason="pip install --no-deps chitchat-dataset==0.9.0 (as .ci/run does)")
 def test_chitchat_conversations_as_chat_messages():
@@ -104,6 +106,7 @@ def test_chitchat_conversations_as_chat_messages():
         data.load(cfg, Task.classification, seed=0)
 
 
+@pytest.mark.slow
 def test_a_causal_lm_scores_each_class_name_like_a_classifier(smollm2, tokenizer):
     """choice_scores against scoring every (row, class) pair on its own: the sum of the
     log-probabilities of the class name's tokens after the row's prompt."""

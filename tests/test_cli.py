@@ -21,6 +21,7 @@ def assert_reproduced(run_dir, tmp_path):
         assert value == pytest.approx(recorded[key], abs=1e-3), key
 
 
+@pytest.mark.slow
 def test_default_job_trains_minilm_to_090_and_evaluate_reproduces_it(default_run, tmp_path):
     run_dir, result = default_run
     out = result.stdout + result.stderr
@@ -40,6 +41,7 @@ def test_default_job_trains_minilm_to_090_and_evaluate_reproduces_it(default_run
     assert_reproduced(run_dir, tmp_path)
 
 
+@pytest.mark.slow
 def test_tiny_llama_causal_lm_smoke_learns_and_reproduces(smoke_run):
     run_dir, result = smoke_run
     metrics = finished(run_dir)
@@ -65,6 +67,7 @@ def test_tiny_llama_causal_lm_smoke_learns_and_reproduces(smoke_run):
     assert not (run_dir / "checkpoints").exists()  # evaluate leaves nothing of the Trainer's
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     ([], "error: which run? python -m spectraqlora.evaluate run_dir=<finished run dir>"),
     (["run_dir=outputs/nope"], "error: run_dir=outputs/nope: no such directory"),
@@ -76,12 +79,14 @@ def test_evaluate_without_a_run_is_one_line_and_creates_nothing(tmp_path, args, 
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_evaluate_help_names_only_its_own_keys(tmp_path):
     result = run_cli("evaluate", "--help", cwd=tmp_path)
     assert result.stdout.startswith("python -m spectraqlora.evaluate run_dir=<finished run dir>")
     assert "selection" not in result.stdout and "== Config ==" not in result.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides, message", [
     (["model=llama3", "selection.top_frac=0.25"],
      "model 'meta-llama/Meta-Llama-3-8B' is neither in the local Hugging Face cache nor reachable"),

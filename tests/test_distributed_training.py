@@ -18,6 +18,8 @@ SMOKE = ["model=tiny_llama", "trainer=smoke", "lora.dropout=0", "trainer.max_ste
          "dataset.eval_size=64"]
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_accelerate_launch_two_processes_trains_like_one(tmp_path):
     run_dir, scan = tmp_path / "ddp", f"scan.cache_dir={tmp_path / 'scan'}"
     accelerate = Path(sys.executable).parent / "accelerate"

@@ -43,6 +43,7 @@ def reload_without_peft(run_dir, merged) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["smoke_run", "default_run"])  # tiny_llama LM, MiniLM classifier
 def test_a_merged_run_loads_without_peft_and_reproduces_its_eval_loss(which, request, tmp_path):
     run_dir, _ = request.getfixturevalue(which)
@@ -85,6 +86,7 @@ def test_the_model_card_says_what_was_trained_and_how_to_reproduce_it(smoke_run)
     assert "| loss | " in card and "Selection: `spectrum`, top_frac 0.25" in card
 
 
+@pytest.mark.slow
 def test_the_original_base_merges_full_precision_weights(smoke_run, tmp_path):
     """base=original: the adapter over the float checkpoint, not over its 4-bit rounding."""
     from safetensors.torch import load_file

@@ -142,6 +142,7 @@ def test_smollm2_converts_once_and_reads_like_any_checkpoint(tmp_path):
         checkpoint.resolve(cfg)
 
 
+@pytest.mark.slow
 @needs_smollm2
 def test_smollm2_snr_of_every_module_equals_spectrum_py():
     """All 210 linear modules (7 types x 30 layers) of the converted weights, against

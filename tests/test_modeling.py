@@ -140,6 +140,7 @@ def top_half(tiny):
     return [f"model.layers.{i}.self_attn.{p}" for i in (2, 3) for p in ("q_proj", "v_proj")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_backward_stops_at_the_lowest_adapted_layer(tiny, checkpointing):
     _, _, tokenizer = tiny

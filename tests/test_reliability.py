@@ -31,6 +31,7 @@ def reference(tmp_path_factory):
     return run_dir, train_run(config(), run_dir)
 
 
+@pytest.mark.slow
 def test_same_seed_gives_the_same_selection_and_loss(reference, tmp_path):
     ref_dir, ref = reference
     again = train_run(config(), tmp_path)
@@ -43,6 +44,7 @@ def test_same_seed_gives_the_same_selection_and_loss(reference, tmp_path):
     assert scan_and_select(files, config("seed=7"))[1] != selected  # the seed does matter
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_uninterrupted_result(reference, tmp_path):
     _, ref = reference
     run_dir = tmp_path / "run"
@@ -73,6 +75,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(reference, tmp_path):
     assert train_run(config("trainer.resume=true"), run_dir) == metrics  # finished: nothing to do
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_the_run_without_a_result(tmp_path):
     cfg = config("trainer.learning_rate=1e9", "trainer.max_grad_norm=0")
     with pytest.raises(NonFiniteLoss, match=r"training loss became nan at step \d+.*trainer.on_nonfinite_loss=skip"):
@@ -114,6 +117,7 @@ def test_nonfinite_loss_policy(tmp_path, policy):
     assert not torch.equal(trainer.model.w.weight, before)
 
 
+@pytest.mark.slow
 def test_out_of_memory_names_the_configuration(tmp_path, monkeypatch):
     import transformers
 
@@ -240,6 +244,7 @@ def test_only_run_dirs_refused_before_training_are_discarded(tmp_path):
     assert not rundir.discard_if_untrained(tmp_path / "outputs" / "2026-11-29" / "12-30-00")
 
 
+@pytest.mark.slow
 def test_a_refused_command_prints_one_line_and_leaves_no_run_dir(tmp_path):
     result = run_cli("train", "+lora.rank=16", cwd=tmp_path)
     assert result.returncode == 2
@@ -269,6 +274,7 @@ def test_sigint_and_sigterm_stop_after_the_step_and_a_second_one_at_once():
         assert signal.getsignal(sig) == before
 
 
+@pytest.mark.slow
 def test_a_signal_keeps_a_checkpoint_and_says_how_to_resume(tmp_path):
     sig = signal.SIGTERM  # what schedulers send (SIGINT: the same handler, tested above)
     run_dir = tmp_path / "run"
@@ -292,6 +298,7 @@ def test_a_signal_keeps_a_checkpoint_and_says_how_to_resume(tmp_path):
     assert line in (run_dir / "train.log").read_text()
 
 
+@pytest.mark.slow
 def test_a_decoder_lm_as_a_classifier_trains_its_new_score_head_whole_and_unquantized(tmp_path):
     """model.task=classification with no model.head_modules: the new head (Llama: `score`) is
     kept out of 4-bit and trained whole, not left random and frozen."""

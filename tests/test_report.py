@@ -37,6 +37,7 @@ def test_report_groups_by_swept_settings_over_seeds(tmp_path):
         assert (tmp_path / png).stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_compare_gives_the_paired_difference_per_seed_with_a_t_interval(tmp_path):
     losses = {("a", 1): 0.5, ("a", 2): 0.4, ("a", 3): 0.3, ("b", 1): 0.6, ("b", 2): 0.6, ("b", 3): 0.6, ("b", 4): 9.0}
     for n, ((arm, seed), loss) in enumerate(losses.items()):
@@ -76,6 +77,7 @@ def test_strategy_study_arms_match_their_budget_on_minilm(arm, strategy, per_typ
     assert {sum(table[n]["type"] == t for n in chosen) for t in {r["type"] for r in table.values()}} == {per_type}
 
 
+@pytest.mark.slow
 def test_head_only_trains_the_classifier_alone_and_reloads(tmp_path):
     from omegaconf import OmegaConf
 

@@ -38,6 +38,7 @@ def reference_snr(weight):
     return float(signal / noise / s[0])
 
 
+@pytest.mark.slow
 def test_snr_matches_the_reference_on_real_minilm_weights():
     files = minilm_files()
     table = compute(files, progress=False)
@@ -68,6 +69,7 @@ def counted(monkeypatch):
     return calls
 
 
+@pytest.mark.slow
 def test_kappa_ranking_equals_peft_kappatune_on_real_minilm_weights():
     """Our condition numbers (from the streaming scan) against peft.helpers.KappaTuneSelector
     on the loaded model, called as the reference: same values, same order."""
@@ -137,6 +139,7 @@ def test_exports_in_spectrum_and_axolotl_formats():
         "^lm_head.weight$", "^model.embed_tokens.weight$", "model.layers.1.self_attn.q_proj"]}
 
 
+@pytest.mark.slow
 def test_scan_cli_writes_every_output(tmp_path):
     run_dir = tmp_path / "scan"
     result = run_cli("scan", "selection.top_frac=0.5", f"hydra.run.dir={run_dir}", cwd=tmp_path)

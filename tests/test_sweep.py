@@ -7,6 +7,7 @@ import sys
 import zipfile
 
 import optuna
+import pytest
 import yaml
 
 from conftest import ROOT, run_cli
@@ -29,6 +30,7 @@ def states(study):
     return sorted(t.state.name for t in study.trials)
 
 
+@pytest.mark.slow
 def test_snr_rank_sweep_scans_once_writes_results_and_resumes(tmp_path):
     args = ["hparams_search=snr_rank", "hydra/sweeper/sampler=random", "hydra.sweeper.sampler.seed=3"]
     result, sweep_dir = sweep(tmp_path, *args, "hydra.sweeper.n_trials=4")
@@ -67,6 +69,7 @@ def test_snr_rank_sweep_scans_once_writes_results_and_resumes(tmp_path):
     assert study.trials[5].params not in first  # the seeded sampler moved on
 
 
+@pytest.mark.slow
 def test_failed_and_pruned_trials_of_a_job_array_are_recorded_and_the_sweep_goes_on(tmp_path):
     """Through a remote launcher (submitit's local executor stands in for SLURM: the same
     launcher code, jobs as local processes): n_jobs trials per launch, one job array, and the
@@ -90,6 +93,7 @@ def test_failed_and_pruned_trials_of_a_job_array_are_recorded_and_the_sweep_goes
             assert t.value == t.intermediate_values[2] > 10.1
 
 
+@pytest.mark.slow
 def test_too_many_failures_stop_the_sweep_with_a_clear_error(tmp_path):
     result, sweep_dir = sweep(tmp_path, "hydra/sweeper=spectraqlora_optuna", "hydra.sweeper.n_trials=8",
                               "hydra.sweeper.max_failure_rate=0.25", "lora.r=choice(-1,0)")
@@ -101,6 +105,8 @@ def test_too_many_failures_stop_the_sweep_with_a_clear_error(tmp_path):
     assert results["trials"] == {"FAIL": 3}
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_pareto_sweep_with_two_workers_on_a_journal_file_and_a_wandb_summary(tmp_path):
     journal = tmp_path / "journal.log"
     result, sweep_dir = sweep(tmp_path, "hparams_search=snr_rank_pareto", "hydra.sweeper.n_trials=4",
@@ -123,6 +129,7 @@ def test_pareto_sweep_with_two_workers_on_a_journal_file_and_a_wandb_summary(tmp
     assert all(list((sweep_dir / str(n)).glob("wandb/offline-run-*")) for n in range(4))
 
 
+@pytest.mark.slow
 def test_the_plugin_is_found_in_an_installed_wheel(tmp_path):
     built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(tmp_path),
                             str(ROOT)], capture_output=True, text=True, timeout=600)
@@ -171,6 +178,7 @@ def test_storage_passwords_stay_out_of_results_and_logs():
     assert "s3cret" not in shown and "db.example:5432/studies" in shown
 
 
+@pytest.mark.slow
 def test_optuna_dashboard_serves_a_sweeps_sqlite_study(tmp_path):
     """The README's `optuna-dashboard sqlite:///<sweep dir>/optuna.db` ([dashboard] extra), on
     loopback, for a few seconds."""

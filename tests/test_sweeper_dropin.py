@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import optuna
+import pytest
 import yaml
 
 from conftest import ROOT, Gate
@@ -25,6 +26,7 @@ def trials(sweep_dir, name="gated"):
     return optuna.load_study(study_name=name, storage=f"sqlite:///{sweep_dir / 'optuna.db'}").trials
 
 
+@pytest.mark.slow
 def test_a_wrong_number_of_returned_values_fails_the_trial_with_a_clear_error(tmp_path):
     result, sweep_dir, results = sweep(tmp_path, "returns=[1.0,2.0]", "hydra.sweeper.n_trials=1")
     assert result.returncode == 2  # the one trial failed: more than max_failure_rate
@@ -35,6 +37,7 @@ def test_a_wrong_number_of_returned_values_fails_the_trial_with_a_clear_error(tm
     assert results["trials"] == {"FAIL": 1}
 
 
+@pytest.mark.slow
 def test_multi_objective_results_carry_the_peers_solutions(tmp_path):
     result, sweep_dir, results = sweep(tmp_path, "returns=[1.0,2.0]", "hydra.sweeper.n_trials=2",
                                        "hydra.sweeper.direction=[minimize,maximize]")
@@ -45,6 +48,7 @@ def test_multi_objective_results_carry_the_peers_solutions(tmp_path):
     assert (sweep_dir / "pareto_front.png").is_file()
 
 
+@pytest.mark.slow
 def test_int_range_includes_its_end_and_a_grid_is_built_from_it(tmp_path):
     """As hydra-optuna-sweeper reads range(1, 3): 1, 2 and 3 (Hydra's basic sweeper stops at 2)."""
     result, sweep_dir, results = sweep(tmp_path, "hydra/sweeper/sampler=grid", "x=range(1,3)",
@@ -54,6 +58,7 @@ def test_int_range_includes_its_end_and_a_grid_is_built_from_it(tmp_path):
     assert results["best_params"] == {"x": 1} and results["best_value"] == 1
 
 
+@pytest.mark.slow
 def test_no_study_name_and_no_search_space_run_the_fixed_config(tmp_path):
     began = time.monotonic()
     result, sweep_dir, results = sweep(tmp_path, "hydra.sweeper.study_name=null",
@@ -66,6 +71,7 @@ def test_no_study_name_and_no_search_space_run_the_fixed_config(tmp_path):
     print(f"20 trivial trials: {took:.1f} s")  # docs/benchmarks.md: the peer took 1.6 s, we 9.2 s before
 
 
+@pytest.mark.slow
 def test_a_custom_search_space_adds_params_and_fixed_ones_are_user_attrs(tmp_path):
     result, sweep_dir, _ = sweep(tmp_path, "hydra.sweeper.custom_search_space=__main__.configure",
                                  "hydra.sweeper.n_trials=3", "returns=0.25")
@@ -82,6 +88,8 @@ def test_a_custom_search_space_adds_params_and_fixed_ones_are_user_attrs(tmp_pat
     assert "error: hydra.sweeper.custom_search_space=nowhere.configure: " in bad.stderr
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_hydra_callbacks_run_once_for_a_sweep_with_local_workers(tmp_path):
     result, _, results = sweep(tmp_path, "hydra.sweeper.workers=2", "hydra.sweeper.n_trials=4",
                                "+hydra.callbacks.mark._target_=__main__.Mark")
@@ -90,6 +98,8 @@ def test_hydra_callbacks_run_once_for_a_sweep_with_local_workers(tmp_path):
     assert (tmp_path / "callbacks.log").read_text().split() == ["start", "end"]  # not per worker
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_workers_start_from_the_app_not_from_the_driver_that_called_it(tmp_path):
     """A driver script that calls the Hydra app: workers used to re-run sys.argv (the driver,
     or pytest), which started workers of their own without end. The first trial is held until
@@ -166,6 +176,7 @@ def test_removed_and_uninstalled_samplers_are_one_line():
         assert type(sampler_of("hydra/sweeper/sampler=cmaes")).__name__ == "CmaEsSampler"
 
 
+@pytest.mark.slow
 def test_launch_jobs_in_process_through_hydras_sweep_runner(hydra_sweep_runner):
     """hydra-optuna-sweeper's test_launch_jobs with our sweeper: Hydra's own test fixture runs
     the sweep inside pytest; n_jobs=3 is three trials per launch (workers would have started

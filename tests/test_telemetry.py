@@ -3,6 +3,8 @@ import json
 import logging
 import math
 
+import pytest
+
 from conftest import SECRETS, compose, train_run
 from spectraqlora import telemetry
 from spectraqlora.config import to_train_config
@@ -65,6 +67,7 @@ def test_without_an_api_key_wandb_goes_offline_and_says_so(monkeypatch, tmp_path
     assert telemetry.wandb_mode() is None  # W&B's own default: online
 
 
+@pytest.mark.slow
 def test_two_runs_in_one_process_are_two_wandb_runs(monkeypatch, tmp_path):
     monkeypatch.setenv("WANDB_MODE", "offline")
     cfg = to_train_config(compose(*QUICK, "logger=wandb"))
@@ -79,6 +82,7 @@ def test_two_runs_in_one_process_are_two_wandb_runs(monkeypatch, tmp_path):
         assert len(list((tmp_path / n).glob("wandb/offline-run-*/run-*.wandb"))) == 1
 
 
+@pytest.mark.slow
 def test_a_wandb_failure_does_not_fail_training(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("WANDB_MODE", "bogus")
     with caplog.at_level(logging.WARNING):

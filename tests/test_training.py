@@ -23,6 +23,7 @@ def test_paged_optimizers_fall_back_on_cpu_with_one_line(caplog):
     assert optimizer("adamw_8bit") == "adamw_8bit"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optim, packing", [("paged_adamw_8bit", False), ("adamw_torch", True)])
 def test_training_steps_with_each_optimizer(tmp_path, optim, packing):
     overrides = [f"trainer.optim={optim}", f"dataset.packing={packing}"]
