@@ -126,6 +126,7 @@ def execute(job: Plan, launch: Launch, inputs=None) -> dict:
     from spectraqlora import build, training
 
     began, cfg, selection = time.perf_counter(), job.cfg, job.selection
+    telemetry.configure_progress(telemetry.show_progress(cfg.logger))  # the other ranks' bars too
     with launch.main_first():  # the main process has its inputs from planning; the others load theirs
         inputs = inputs or build.load_inputs(cfg)
     if launch.launched:
