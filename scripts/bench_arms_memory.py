@@ -37,7 +37,7 @@ def main() -> None:
         rows.append((arm, metrics["selected_modules"], metrics["peak_mem_gb"], metrics["step_time_s"],
                      metrics["tokens_per_sec"]))
         print(f"{arm}: {rows[-1][2]:.2f} GB, {rows[-1][3]:.2f} s/step", flush=True)
-    print(f"\n| arm | modules | peak GB | s/step | tokens/s |\n|---|---|---|---|---|")
+    print("\n| arm | modules | peak GB | s/step | tokens/s |\n|---|---|---|---|---|")
     for arm, modules, peak, step, tokens in rows:
         print(f"| {arm} | {modules} | {peak:.2f} | {step:.2f} | {tokens:.0f} |")
 
