@@ -180,6 +180,7 @@ def _no_column(tmp_path):
     return ["dataset=file", f"dataset.path={tmp_path / 'rows.jsonl'}"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("make, message", [
     (_without_weights, "holds no *.safetensors weights"),
     (_truncated, "is truncated"),
