@@ -79,7 +79,7 @@ def child_build(ckpt: Path, layers: int, hidden: int, intermediate: int, vocab: 
 
 
 def child_spectraqlora(ckpt: Path) -> dict:
-    """spectraqlora's streaming scan without its cache (`scan.compute`)."""
+    """spectraqlora's streaming scan without its cache (`scanner.compute`)."""
     from spectraqlora.checkpoint import safetensors_files
     from spectraqlora.scanner import compute
 
