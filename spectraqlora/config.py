@@ -273,16 +273,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if snr_ranks and not cfg.lora.r_min <= cfg.lora.r <= cfg.lora.r_max:
         raise UserError(f"lora.r_min={cfg.lora.r_min}, lora.r={cfg.lora.r}, lora.r_max="
                         f"{cfg.lora.r_max}: expected r_min <= r <= r_max")
-    for key in ("layers", "last_k"):  # only selection=layers reads them
-        if getattr(cfg.selection, key) is not None and cfg.selection.strategy is not Strategy.layers:
-            raise UserError(f"selection.{key}={getattr(cfg.selection, key)} is read by selection=layers "
-                            f"only, not selection={cfg.selection.strategy.value}: add selection=layers")
+    if error := next(unread_keys(cfg), None):
+        raise UserError(error)
     if cfg.selection.min_layer is not None and cfg.selection.strategy in (Strategy.layers, Strategy.none):
         raise UserError(f"selection.min_layer={cfg.selection.min_layer} with selection="
                         f"{cfg.selection.strategy.value}: that strategy names its layers itself; drop min_layer")
-    if cfg.selection.num_modules is not None and cfg.selection.strategy is not Strategy.kappa:
-        raise UserError(f"selection.num_modules={cfg.selection.num_modules} is read by selection=kappa "
-                        f"only, not selection={cfg.selection.strategy.value}: use selection.top_frac")
     if cfg.dataset.label_names is not None and cfg.model.task is not Task.classification:
         raise UserError(f"dataset.label_names is for classification; model.task={cfg.model.task.value} "
                         f"learns the response text")
@@ -302,6 +297,46 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.model.random_init is not None and not cfg.model.tokenizer:
         raise UserError("model.random_init needs model.tokenizer (where its tokenizer comes from)")
     return cfg
+
+
+_FRACTION = {Strategy.spectrum, Strategy.spectrum_global, Strategy.kappa_per_type, Strategy.random}
+# key -> (read by this config?, who reads it, what to type instead). A key set to anything but its
+# schema default where nothing reads it would be saved and ignored: the run would train
+# something other than what was typed.
+_READ_BY = {
+    "selection.top_frac": (lambda c: c.selection.strategy in _FRACTION
+                           or (c.selection.strategy is Strategy.kappa and c.selection.num_modules is None)
+                           or (c.selection.strategy is Strategy.layers and c.selection.layers is None
+                               and c.selection.last_k is None)
+                           or (c.selection.strategy is Strategy.all and c.selection.top_frac == 1.0),
+                           "selection=spectrum, spectrum_global, kappa (without num_modules), "
+                           "kappa_per_type, random, layers (without layers or last_k)", "drop it"),
+    "selection.min_per_type": (lambda c: c.selection.strategy in _FRACTION,
+                               "selection=spectrum, spectrum_global, kappa_per_type, random", "drop it"),
+    "selection.snr_cutoff": (lambda c: c.selection.strategy is Strategy.snr_cutoff,
+                             "selection=snr_cutoff", "add selection=snr_cutoff"),
+    "selection.layers": (lambda c: c.selection.strategy is Strategy.layers, "selection=layers", "add selection=layers"),
+    "selection.last_k": (lambda c: c.selection.strategy is Strategy.layers, "selection=layers", "add selection=layers"),
+    "selection.num_modules": (lambda c: c.selection.strategy is Strategy.kappa, "selection=kappa",
+                              "use selection.top_frac"),
+    "lora.r_min": (lambda c: c.lora.rank_allocation is RankAllocation.snr, "lora.rank_allocation=snr",
+                   "add lora.rank_allocation=snr"),
+    "lora.r_max": (lambda c: c.lora.rank_allocation is RankAllocation.snr, "lora.rank_allocation=snr",
+                   "add lora.rank_allocation=snr"),
+}
+
+
+def unread_keys(cfg: TrainConfig):
+    """`key=value is read by ... only` for each key of _READ_BY set away from its default where
+    this config does not read it."""
+    for key, (read, readers, fix) in _READ_BY.items():
+        group, name = key.split(".")
+        node = getattr(cfg, group)
+        value = getattr(node, name)
+        if not read(cfg) and value != node.__dataclass_fields__[name].default:
+            now = (f"selection={cfg.selection.strategy.value}" if group == "selection"
+                   else f"lora.rank_allocation={cfg.lora.rank_allocation.value}")
+            yield f"{key}={value} is read by {readers} only, not {now}: {fix}"
 
 
 # Names users bring from peft, transformers or other tools -> ours.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import resource
 import statistics
+import sys
 from pathlib import Path
 
 # Trainer log keys -> logged keys
@@ -40,14 +41,14 @@ def reset_peak_memory() -> None:
     """Start the memory peaks over, at the start of a run: a multirun on Hydra's basic launcher
     (and a sweep's local trials) runs its jobs one after another in one process, whose lifetime
     peak would otherwise carry over from job to job. Linux resets the resident-set peak (VmHWM)
-    through /proc/self/clear_refs; elsewhere the peak stays the process's."""
-    import torch
-
+    through /proc/self/clear_refs; elsewhere the peak stays the process's. torch is not imported
+    for it (a run resets before its config is checked): without torch there is no CUDA peak."""
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
         pass
-    if torch.cuda.is_available():
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
 
 

@@ -124,6 +124,11 @@ def test_a_runs_relative_paths_are_read_from_where_it_was_started(tmp_path):
     (["selection.layers=[0]"], "selection.layers=[0] is read by selection=layers only, not selection=spectrum"),
     (["selection=random", "selection.last_k=2"], "selection.last_k=2 is read by selection=layers only"),
     (["model=tiny_llama", "dataset.label_names=[a,b]"], "dataset.label_names is for classification"),
+    (["selection=all", "selection.top_frac=0.3"], "selection.top_frac=0.3 is read by selection=spectrum"),
+    (["selection=kappa", "selection.num_modules=10", "selection.top_frac=0.5"], "not selection=kappa: drop it"),
+    (["selection=kappa", "selection.min_per_type=3"], "selection.min_per_type=3 is read by"),
+    (["selection.snr_cutoff=2.0"], "selection.snr_cutoff=2.0 is read by selection=snr_cutoff only"),
+    (["lora.r_max=16"], "lora.r_max=16 is read by lora.rank_allocation=snr only, not lora.rank_allocation=uniform"),
 ])
 def test_keys_the_run_would_ignore_are_refused(overrides, message):
     """Each of these once trained something else and exited 0."""
