@@ -1,8 +1,8 @@
-"""Benchmark training cost by what carries adapters: plain QLoRA vs the top layers only.
+"""Benchmark training cost, side by side: what carries adapters, how rows are batched, and the
+standard QLoRA recipe a user would write by hand.
 
 --model bench_llama (default): conf/model/bench_llama.yaml (random-init Llama, 8 layers, hidden
-512, nf4, fp32 compute) on the synthetic instruction task packed into blocks of --seq tokens;
-same batch and number of steps for every configuration:
+512, nf4, fp32 compute) on the synthetic instruction task packed into blocks of --seq tokens:
 
   all                       plain QLoRA: adapters on every linear module of every layer
   top_half                  the same module types on the top half of the layers only
@@ -14,22 +14,35 @@ same batch and number of steps for every configuration:
   lora_unquantized          top_half without quantization, for reference
 
 --model smollm2: the real SmolLM2-135M-Instruct (nf4) on Rotten Tomatoes in its chat template
-(rows as they come, padded per batch; --seq is dataset.max_length), first its one-time costs
-(GGUF conversion into a fresh cache, the SNR scan of its 210 matrices), then:
+(--seq is dataset.max_length), first its one-time costs (GGUF conversion into a fresh cache, the
+SNR scan of its 210 matrices), then all / spectrum25 / last7 (selection=layers last_k=7: the same
+49-module count on the top layers).
 
-  all                       adapters on all 210 linear modules
-  spectrum25                selection=spectrum top_frac=0.25 (49 modules)
-  last7                     the same count on the top layers: selection=layers last_k=7 (7 x 7)
+--model llm_rt: the job of experiment=llm_rt (SmolLM2-135M-Instruct as a 4-bit classifier on
+Rotten Tomatoes, batch 16, max_length 64), each selection with the default batching (auto:
+padding-free on this model) and with `_padded` batching (each batch padded to its longest row):
+all (210 modules), spectrum (top 25% per type, 49), last7 (the same 49-module count on the top
+layers); and `recipe`, the standard QLoRA recipe as the transformers, peft and bitsandbytes docs
+give it: the same 4-bit base through peft's prepare_model_for_kbit_training, LoraConfig(
+target_modules="all-linear", task_type=SEQ_CLS) with our r, alpha and dropout, DataCollatorWithPadding,
+the model's own loss. Evaluation throughput (the eval split, forward only, as the Trainer batches
+it) is measured for all and all_padded.
 
-Each configuration runs in its own fresh process (so its peak memory is its own), --repeats
-rounds with the order reversed every other round; the record keeps the median over rounds.
-A training step is forward + backward + AdamW step, timed after --warmup steps. Peak memory is
-the peak over the timed steps only, reset after warm-up so that loading does not count (CUDA:
-max allocated; CPU: the resident-set high-water mark, VmHWM, reset via /proc/self/clear_refs);
-the eval loss is the mean over eval batches of --batch rows.
+Every configuration is built once in this one process and trained on the same batches. After
+--warmup steps each, the timed steps are interleaved: each of --repeats rounds runs --steps steps
+of every configuration, the order reversed every other round, so that the machine's drift hits
+every configuration alike. Each figure is the median over rounds with its range (min-max); each
+ratio is computed within each round, then the median and range of those. Tokens are the rows'
+own tokens (no padding), the same count for every configuration. A step is forward + backward
++ AdamW step.
 
+--memory measures peak memory instead, each configuration in a fresh process (so its peak is its
+own): the resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs) over the
+timed training steps, then over one evaluation (CUDA: max allocated).
+
+    python scripts/bench_train.py --model llm_rt --out results.json [--steps 4] [--repeats 6]
+    python scripts/bench_train.py --model llm_rt --memory --out memory.json
     python scripts/bench_train.py --out results.json [--steps 8] [--batch 2] [--seq 256] [--repeats 3]
-    python scripts/bench_train.py --model smollm2 --out results.json --steps 6 --batch 16 --seq 96
 """
 from __future__ import annotations
 
@@ -44,87 +57,216 @@ import tempfile
 import time
 from pathlib import Path
 
-MODELS = {  # model -> (its data overrides, its configurations)
-    "bench_llama": (["model=bench_llama", "dataset.packing=true"], {
+PREPARE_KBIT, RECIPE = "+prepare_kbit", "+recipe"  # configurations built outside spectraqlora's path
+MODELS = {  # model -> (its overrides, defaults of --batch and --seq, its configurations)
+    "bench_llama": (["model=bench_llama", "dataset.packing=true", "dataset.eval_size=32"], (2, 256), {
         "all": ["selection=all"],
         "top_half": ["selection=layers", "selection.last_k=4"],
         "spectrum25": ["selection=spectrum", "selection.top_frac=0.25"],
         "top_half_gc": ["selection=layers", "selection.last_k=4", "trainer.gradient_checkpointing=true"],
-        "top_half_gc_prepare_kbit": ["selection=layers", "selection.last_k=4", "+prepare_kbit=true"],
+        "top_half_gc_prepare_kbit": ["selection=layers", "selection.last_k=4", PREPARE_KBIT],
         "lora_unquantized": ["selection=layers", "selection.last_k=4", "quant=none"],
     }),
-    "smollm2": (["model=smollm2", "dataset=rotten_tomatoes"], {
+    "smollm2": (["model=smollm2", "dataset=rotten_tomatoes", "dataset.eval_size=32"], (16, 96), {
         "all": ["selection=all"],
         "spectrum25": ["selection=spectrum", "selection.top_frac=0.25"],
         "last7": ["selection=layers", "selection.last_k=7"],
     }),
+    "llm_rt": (["experiment=llm_rt"], (None, None), {
+        "all": ["selection=all"],
+        "all_padded": ["selection=all", "dataset.batching=padded"],
+        "spectrum": ["selection=spectrum", "selection.top_frac=0.25"],
+        "spectrum_padded": ["selection=spectrum", "selection.top_frac=0.25", "dataset.batching=padded"],
+        "last7": ["selection=layers", "selection.last_k=7"],
+        "last7_padded": ["selection=layers", "selection.last_k=7", "dataset.batching=padded"],
+        "recipe": ["selection=all", "dataset.batching=padded", RECIPE],
+    }),
 }
-CONFIGS = {name for _, configs in MODELS.values() for name in configs}
+EVALUATED = {"llm_rt": ["all", "all_padded"]}
+RATIOS = [("top_half", "all"), ("top_half_gc", "top_half_gc_prepare_kbit"), ("spectrum25", "all"),
+          ("last7", "all"), ("last7", "spectrum25"), ("all", "all_padded"), ("spectrum", "spectrum_padded"),
+          ("last7", "last7_padded"), ("all", "recipe")]
+CONFIGS = {name for *_, configs in MODELS.values() for name in configs}
 
 
-def measure(model: str, name: str, steps: int, warmup: int, batch: int, seq: int) -> dict:
-    """One configuration, in this process."""
+class Bench:
+    """One configuration, built in this process: its model, optimizer, collator and loss."""
+
+    def __init__(self, model: str, name: str, shared: "Shared"):
+        import torch
+
+        from spectraqlora import batching, build, losses, modeling, scoring
+        from spectraqlora.config import Batching
+        from spectraqlora.scanner import scan_and_select
+        from spectraqlora.selection import Selection
+
+        overrides = MODELS[model][2][name]
+        self.name, self.cfg = name, shared.config([o for o in overrides if not o.startswith("+")])
+        task = self.cfg.model.task
+        table, chosen = scan_and_select(shared.inputs.files, self.cfg)
+        torch.manual_seed(self.cfg.seed)
+        if RECIPE in overrides:  # the usual QLoRA recipe: peft's defaults around the same base
+            from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+            lora = self.cfg.lora
+            base = prepare_model_for_kbit_training(build.base_model(shared.inputs, self.cfg))
+            self.net = get_peft_model(base, LoraConfig(
+                r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules="all-linear",
+                task_type="SEQ_CLS" if task.value == "classification" else "CAUSAL_LM"))
+            self.loss = None
+            mode = Batching.padded
+        else:
+            if PREPARE_KBIT in overrides:
+                from peft import prepare_model_for_kbit_training
+
+                base = prepare_model_for_kbit_training(build.base_model(shared.inputs, self.cfg))
+                self.net = modeling.add_lora(base, modeling.model_names(base, chosen), self.cfg.lora, self.cfg.model)
+            else:
+                self.net, _ = build.new_model(shared.inputs, self.cfg, Selection(table, chosen))
+            hf_model = scoring.hf_model(self.net)
+            mode = batching.resolve(self.cfg.dataset.batching, hf_model, task, self.cfg.dataset.packing)
+            self.loss = losses.LabelLoss(task, hf_model, mode is Batching.padding_free)
+        self.collate = batching.collator(shared.inputs.tokenizer, task, mode)
+        self.optim = torch.optim.AdamW([p for p in self.net.parameters() if p.requires_grad], lr=1e-4)
+        self.device = next(self.net.parameters()).device
+        self.facts = {"batching": mode.value, "selected_modules": len(chosen),
+                      "trainable_params": modeling.trainable_params(self.net),
+                      "lowest_layer": min((int(c.split(".")[2]) for c in chosen), default=None)}
+
+    def _loss(self, batch: dict):
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        if self.loss is None:
+            return self.net(**batch).loss
+        inputs = self.loss.model_inputs(batch)
+        labels = inputs.pop("labels")
+        return self.loss(self.net(**inputs), labels)
+
+    def step(self, rows: list[dict]) -> float:
+        """One training step on these rows; its time in seconds."""
+        batch = self.collate(rows)
+        self.net.train()
+        _sync(self.device)
+        start = time.perf_counter()
+        self._loss(batch).backward()
+        self.optim.step()
+        self.optim.zero_grad(set_to_none=True)
+        _sync(self.device)
+        return time.perf_counter() - start
+
+    def evaluate(self, rows, batch_size: int) -> tuple[float, float]:
+        """Forward passes over `rows` in the Trainer's eval batches: (seconds, mean loss)."""
+        import torch
+
+        self.net.eval()
+        losses = []
+        _sync(self.device)
+        start = time.perf_counter()
+        with torch.no_grad():
+            for i in range(0, len(rows), batch_size):
+                losses.append(float(self._loss(self.collate([rows[j] for j in range(i, min(i + batch_size, len(rows)))]))))
+        _sync(self.device)
+        return time.perf_counter() - start, statistics.mean(losses)
+
+
+class Shared:
+    """What every configuration of a model shares: the checkpoint, tokenizer and rows."""
+
+    def __init__(self, model: str, batch: int | None, seq: int | None):
+        from spectraqlora import build
+
+        base, (batch_default, seq_default), _ = MODELS[model]
+        self.overrides = [*base, *([f"dataset.max_length={seq or seq_default}"] if seq or seq_default else [])]
+        cfg = self.config([])
+        self.batch = batch or batch_default or cfg.trainer.per_device_train_batch_size
+        self.eval_batch = cfg.trainer.per_device_eval_batch_size
+        self.inputs = build.load_inputs(cfg)
+        tokenized, _ = self.inputs.tokenized(cfg)
+        rows = tokenized["train"]
+        if cfg.dataset.packing:
+            rows = rows.filter(lambda r: len(r["input_ids"]) == cfg.dataset.max_length)  # full blocks only
+        self.train = rows.shuffle(seed=0)
+        self.eval = tokenized["eval"]
+
+    def config(self, overrides: list[str]):
+        from spectraqlora.config import compose, to_train_config
+
+        return to_train_config(compose(*self.overrides, *overrides))
+
+    def batch_rows(self, i: int) -> list[dict]:
+        return [self.train[i * self.batch + j] for j in range(self.batch)]
+
+    def tokens(self, i: int) -> int:
+        return sum(len(r["input_ids"]) for r in self.batch_rows(i))
+
+
+def _sync(device) -> None:
     import torch
 
-    from spectraqlora import build, data, modeling
-    from spectraqlora.config import compose, to_train_config
-    from spectraqlora.scanner import scan_and_select
-    from spectraqlora.selection import Selection
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
-    base_overrides, configs = MODELS[model]
-    overrides = [o for o in configs[name] if not o.startswith("+prepare_kbit")]
-    cfg = to_train_config(compose(*base_overrides, f"dataset.max_length={seq}", "dataset.eval_size=32",
-                                  *overrides))
-    torch.manual_seed(cfg.seed)
-    inputs = build.load_inputs(cfg)
-    tokenizer, (tokenized, _) = inputs.tokenizer, inputs.tokenized(cfg)
-    table, chosen = scan_and_select(inputs.files, cfg)
-    if name.endswith("prepare_kbit"):
-        from peft import prepare_model_for_kbit_training
 
-        base = prepare_model_for_kbit_training(build.base_model(inputs, cfg))  # its defaults: the usual QLoRA recipe
-        net = modeling.add_lora(base, modeling.model_names(base, chosen), cfg.lora, cfg.model)
-    else:
-        net, _ = build.new_model(inputs, cfg, Selection(table, chosen))
-    device = next(p for p in net.parameters()).device
-    optim = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4)
-    collate = data.collator(tokenizer, cfg.model.task)
-    rows = tokenized["train"]
-    if cfg.dataset.packing:
-        rows = rows.filter(lambda r: len(r["input_ids"]) == seq)  # full blocks only
-    batches = [collate([rows[i * batch + j] for j in range(batch)]) for i in range(warmup + steps)]
+def timed(model: str, names: list[str], args) -> dict:
+    """Every configuration built here, its steps interleaved with the others' round by round."""
+    shared = Shared(model, args.batch, args.seq)
+    benches = {n: Bench(model, n, shared) for n in names}
+    for bench in benches.values():
+        for i in range(args.warmup):
+            bench.step(shared.batch_rows(i))
+    evaluated = [n for n in EVALUATED.get(model, []) if n in benches]
+    eval_tokens = sum(len(r["input_ids"]) for r in shared.eval)
+    rounds = []
+    for r in range(args.repeats):
+        first = args.warmup + r * args.steps
+        batches = range(first, first + args.steps)
+        tokens = sum(shared.tokens(i) for i in batches)
+        got = {}
+        for name in names if r % 2 == 0 else reversed(names):
+            seconds = [benches[name].step(shared.batch_rows(i)) for i in batches]
+            got[name] = {"tokens_per_sec": tokens / sum(seconds), "step_time_s": statistics.median(seconds)}
+            if name in evaluated:
+                eval_s, eval_loss = benches[name].evaluate(shared.eval, shared.eval_batch)
+                got[name].update(eval_tokens_per_sec=eval_tokens / eval_s, eval_loss=eval_loss)
+        rounds.append(got)
+        print(f"round {r}: " + ", ".join(f"{n} {g['tokens_per_sec']:.1f}" for n, g in got.items()) + " tokens/s",
+              flush=True)
+    configs = {}
+    for name in names:
+        per_round = [got[name] for got in rounds]
+        configs[name] = {**benches[name].facts, **{key: spread([g[key] for g in per_round])
+                                                   for key in per_round[0] if key != "eval_loss"}}
+        if "eval_loss" in per_round[0]:
+            configs[name]["eval_loss"] = per_round[0]["eval_loss"]
+        if name in evaluated:  # against the training tokens/s of the same configuration, round by round
+            configs[name]["eval_over_train"] = spread([g["eval_tokens_per_sec"] / g["tokens_per_sec"] for g in per_round])
+    ratios = {f"{a}/{b}": spread([got[a]["tokens_per_sec"] / got[b]["tokens_per_sec"] for got in rounds])
+              for a, b in RATIOS if a in benches and b in benches}
+    return {"model": model, "batch": shared.batch, "steps": args.steps, "repeats": args.repeats,
+            "train_tokens_per_round": [sum(shared.tokens(args.warmup + r * args.steps + k) for k in range(args.steps))
+                                       for r in range(args.repeats)],
+            "eval_rows": len(shared.eval), "eval_tokens": eval_tokens, "configs": configs, "ratios": ratios}
 
-    net.train()
-    times, tokens = [], 0
-    for i, b in enumerate(batches):
-        if i == warmup:
-            baseline = reset_peak_memory(device)
-        b = {k: v.to(device) for k, v in b.items()}
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        net(**b).loss.backward()
-        optim.step()
-        optim.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-            tokens += int(b["attention_mask"].sum())
 
-    peak = peak_memory_gb(device)  # the training peak, before evaluation adds its own
-    net.eval()
-    losses = []
-    with torch.no_grad():
-        for i in range(0, len(tokenized["eval"]), batch):
-            evals = collate([tokenized["eval"][j] for j in range(i, min(i + batch, len(tokenized["eval"])))])
-            losses.append(float(net(**{k: v.to(device) for k, v in evals.items()}).loss))
-    eval_loss = statistics.mean(losses)
-    return {"name": name, "step_time_s": statistics.median(times),
-            "tokens_per_sec": tokens / sum(times),
-            "peak_mem_gb": peak, "mem_before_steps_gb": baseline,
-            "trainable_params": modeling.trainable_params(net), "eval_loss": eval_loss,
-            "selected_modules": len(chosen), "lowest_layer": min(int(c.split(".")[2]) for c in chosen)}
+def spread(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values),
+            "rounds": [round(v, 4) for v in values]}
+
+
+def memory(model: str, name: str, args) -> dict:
+    """One configuration in this (fresh) process: peak memory over the timed steps, then over
+    one evaluation, each from a reset after what came before."""
+    shared = Shared(model, args.batch, args.seq)
+    bench = Bench(model, name, shared)
+    for i in range(args.warmup):
+        bench.step(shared.batch_rows(i))
+    before = reset_peak_memory(bench.device)
+    for i in range(args.warmup, args.warmup + args.steps):
+        bench.step(shared.batch_rows(i))
+    train_peak = peak_memory_gb(bench.device)
+    reset_peak_memory(bench.device)
+    bench.evaluate(shared.eval, shared.eval_batch)
+    return {"name": name, "mem_before_steps_gb": before, "train_peak_gb": train_peak,
+            "eval_peak_gb": peak_memory_gb(bench.device)}
 
 
 def one_time_costs() -> dict:
@@ -143,8 +285,8 @@ def one_time_costs() -> dict:
 
 
 def reset_peak_memory(device) -> float:
-    """Start the peak over from here (so loading does not count); returns the memory now, GB.
-    CPU: Linux's resident-set high-water mark, reset through /proc/self/clear_refs."""
+    """Start the peak over from here; returns the memory now, GB. CPU: Linux's resident-set
+    high-water mark, reset through /proc/self/clear_refs."""
     import torch
 
     if device.type == "cuda":
@@ -167,15 +309,47 @@ def _status_kb(field: str) -> int:
     return int(line.split()[1])
 
 
+def _child(args, *extra: str) -> dict:
+    """This script in a fresh process; its result."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "out.json"
+        cmd = [sys.executable, __file__, "--model", args.model, "--out", str(out), "--steps", str(args.steps),
+               "--warmup", str(args.warmup), *(["--batch", str(args.batch)] if args.batch else []),
+               *(["--seq", str(args.seq)] if args.seq else []), *extra]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL,
+                       env={**os.environ, **({"SPECTRAQLORA_CACHE": tmp} if "one_time_costs" in extra else {})})
+        return json.loads(out.read_text())
+
+
+def report(result: dict) -> None:
+    print(f"machine: {platform.processor() or platform.machine()}, python {platform.python_version()}, "
+          f"{result['repeats']} rounds of {result['steps']} steps, batch {result['batch']}")
+    print(f"{'config':<26} {'batching':<13} {'tokens/s (min-max)':>22} {'s/step':>7} {'eval tok/s':>12} "
+          f"{'trainable':>10} {'low':>4}")
+    for name, c in result["configs"].items():
+        t = c["tokens_per_sec"]
+        evals = f"{c['eval_tokens_per_sec']['median']:12.0f}" if "eval_tokens_per_sec" in c else " " * 12
+        print(f"{name:<26} {c['batching']:<13} {t['median']:9.1f} ({t['min']:.1f}-{t['max']:.1f}) "
+              f"{c['step_time_s']['median']:7.3f} {evals} {c['trainable_params']:>10,} {str(c['lowest_layer']):>4}")
+    for name, c in result["configs"].items():
+        if "eval_over_train" in c:
+            e = c["eval_over_train"]
+            print(f"{name}: evaluation {e['median']:.2f}x its training tokens/s ({e['min']:.2f}-{e['max']:.2f}), "
+                  f"eval loss {c['eval_loss']:.4f}")
+    for key, r in result["ratios"].items():
+        print(f"{key}: tokens/s {r['median']:.3f}x (rounds {r['min']:.3f}-{r['max']:.3f})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--model", choices=list(MODELS), default="bench_llama")
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per configuration per round")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch", type=int, help="rows per step (default: the model's)")
+    parser.add_argument("--seq", type=int, help="dataset.max_length (default: the model's)")
+    parser.add_argument("--repeats", type=int, default=6, help="rounds")
+    parser.add_argument("--memory", action="store_true", help="peak memory per configuration, fresh processes")
     parser.add_argument("--only", nargs="*", choices=sorted(CONFIGS), help="a subset of the configurations")
     parser.add_argument("--one", choices=sorted(CONFIGS | {"one_time_costs"}), help=argparse.SUPPRESS)  # child mode
     args = parser.parse_args()
@@ -183,51 +357,24 @@ def main() -> None:
         args.out.write_text(json.dumps(one_time_costs()))
         return
     if args.one:
-        args.out.write_text(json.dumps(measure(args.model, args.one, args.steps, args.warmup, args.batch, args.seq)))
+        args.out.write_text(json.dumps(memory(args.model, args.one, args)))
         return
-
-    names = args.only or list(MODELS[args.model][1])
+    names = args.only or list(MODELS[args.model][2])
+    if args.memory:
+        peaks = [_child(args, "--one", name) for name in names]
+        args.out.write_text(json.dumps(peaks, indent=2) + "\n")
+        for p in peaks:
+            print(f"{p['name']:<26} training peak {p['train_peak_gb']:.3f} GB, evaluation peak {p['eval_peak_gb']:.3f} GB "
+                  f"(before the steps {p['mem_before_steps_gb']:.3f} GB)")
+        return
+    once = None
     if args.model == "smollm2":
-        child = args.out.with_suffix(".one_time.json")
-        with tempfile.TemporaryDirectory() as cache:
-            subprocess.run([sys.executable, __file__, "--one", "one_time_costs", "--out", str(child)], check=True,
-                           stdout=subprocess.DEVNULL, env={**os.environ, "SPECTRAQLORA_CACHE": cache})
-        once = json.loads(child.read_text())
-        child.unlink()
+        once = _child(args, "--one", "one_time_costs")
         print(f"one-time: GGUF conversion {once['convert_s']:.1f} s, scan of {once['modules']} modules "
               f"{once['scan_s']:.1f} s", flush=True)
-    runs: dict[str, list[dict]] = {n: [] for n in names}
-    for round_ in range(args.repeats):
-        for name in names if round_ % 2 == 0 else reversed(names):
-            child = args.out.with_suffix(f".{name}.{round_}.json")
-            cmd = [sys.executable, __file__, "--model", args.model, "--one", name, "--out", str(child), "--steps",
-                   str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
-                   "--seq", str(args.seq)]
-            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-            runs[name].append(json.loads(child.read_text()))
-            child.unlink()
-            print(f"round {round_} {name}: {runs[name][-1]['step_time_s']:.3f} s/step", flush=True)
-
-    records = []
-    for name, got in runs.items():
-        record = dict(got[0])
-        for key in ("step_time_s", "tokens_per_sec", "peak_mem_gb"):
-            record[key] = statistics.median(r[key] for r in got)
-        record["step_time_s_runs"] = [round(r["step_time_s"], 4) for r in got]
-        records.append(record)
-    args.out.write_text(json.dumps({"one_time": once, "configs": records} if args.model == "smollm2" else records,
-                                   indent=2) + "\n")
-    by = {r["name"]: r for r in records}
-    print(f"machine: {platform.processor() or platform.machine()}, python {platform.python_version()}")
-    print(f"{'config':<26} {'s/step':>7} {'tok/s':>7} {'peak GB':>8} {'trainable':>10} {'eval loss':>9} {'low':>4}")
-    for r in records:
-        print(f"{r['name']:<26} {r['step_time_s']:7.3f} {r['tokens_per_sec']:7.0f} {r['peak_mem_gb']:8.3f} "
-              f"{r['trainable_params']:>10,} {r['eval_loss']:9.4f} {r['lowest_layer']:>4}")
-    for a, b in (("top_half", "all"), ("top_half_gc", "top_half_gc_prepare_kbit"), ("spectrum25", "all"),
-                 ("last7", "all"), ("last7", "spectrum25")):
-        if a in by and b in by:
-            print(f"{a}/{b}: step time {by[a]['step_time_s'] / by[b]['step_time_s']:.2f}x, "
-                  f"peak memory {by[a]['peak_mem_gb'] / by[b]['peak_mem_gb']:.2f}x")
+    result = {**timed(args.model, names, args), **({"one_time": once} if once else {})}
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    report(result)
 
 
 if __name__ == "__main__":

@@ -64,6 +64,13 @@ class NonFinite(str, enum.Enum):
     skip = "skip"  # drop that step and count it
 
 
+class Batching(str, enum.Enum):
+    auto = "auto"  # padding_free where it is exact for the model, else padded
+    padded = "padded"  # each batch padded to its longest row
+    padding_free = "padding_free"  # a batch's rows as one sequence, positions restarting per row
+    grouped = "grouped"  # rows of similar length batched together (shuffled in groups)
+
+
 class Logger(str, enum.Enum):
     none = "none"
     wandb = "wandb"
@@ -141,6 +148,10 @@ class DatasetConfig:
     max_length: int = knob(128, "tokens per row (longer rows are cut)", **_positive())
     packing: bool = knob(False, "causal LMs: concatenate rows into blocks of max_length (no padding); "
                                 "prompts stay masked; attention spans row boundaries")
+    batching: Batching = knob(
+        Batching.auto, "how rows make a batch: padded, padding_free (no compute on padding; "
+                       "decoder models), grouped (similar lengths together), auto (padding_free "
+                       "where exact for the model, else padded)")
 
 
 @dataclass
@@ -292,6 +303,12 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                         f"and model.task={cfg.model.task.value} has none")
     if cfg.dataset.packing and cfg.model.task is not Task.causal_lm:
         raise UserError(f"dataset.packing=true needs a causal LM; model.task={cfg.model.task.value}")
+    if cfg.dataset.packing and cfg.dataset.batching not in (Batching.auto, Batching.padded):
+        raise UserError(f"dataset.packing=true cuts rows into equal blocks, which dataset.batching="
+                        f"{cfg.dataset.batching.value} would not batch as blocks: drop one of them")
+    if cfg.dataset.batching is Batching.padding_free and cfg.model.task is Task.seq2seq:
+        raise UserError("dataset.batching=padding_free is for decoder models (causal_lm, classification); "
+                        "model.task=seq2seq: use dataset.batching=grouped or padded")
     if cfg.model.random_init is not None and cfg.model.gguf_file:
         raise UserError("model.random_init and model.gguf_file: give one of them, not both")
     if cfg.model.random_init is not None and not cfg.model.tokenizer:

@@ -14,7 +14,7 @@ from collections import Counter
 
 from datasets import ClassLabel, Dataset, DatasetDict
 
-from spectraqlora import sources
+from spectraqlora import batching, sources
 from spectraqlora.chat import IGNORE_INDEX, _labeled_chat, chat_template_on
 from spectraqlora.config import DatasetConfig, Task
 from spectraqlora.errors import UserError
@@ -166,6 +166,7 @@ def tokenize(data: DatasetDict, tokenizer, cfg: DatasetConfig, task: Task) -> Da
         out = _keep_rows_with_response(out, cfg)
     if cfg.packing:  # train only: eval rows stay whole, so eval loss compares across settings
         out["train"] = pack(out["train"], cfg.max_length)
+    out["eval"] = batching.longest_first(out["eval"])
     return out
 
 
@@ -231,11 +232,3 @@ def _prompt_response(tokenizer, prompt: str, response: str, max_length: int, tas
     ids = (p + r)[:max_length]
     labels = ([IGNORE_INDEX] * len(p) + r)[:max_length]
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
-
-
-def collator(tokenizer, task: Task):
-    from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding
-
-    if task is Task.classification:
-        return DataCollatorWithPadding(tokenizer)
-    return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX)

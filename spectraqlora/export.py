@@ -88,12 +88,12 @@ def merge(cfg: TrainConfig, run_dir: Path, out: Path, dtype: str, base: str, che
     """The merged checkpoint written to out; the checks (export.json's figures)."""
     import torch
 
-    from spectraqlora import build, data, modeling
+    from spectraqlora import batching, build, data, modeling
 
     inputs = build.load_inputs(cfg)
     tokenizer, num_labels = inputs.tokenizer, data.num_labels(inputs.raw, cfg.dataset, cfg.model.task)
     tokenized, choices = inputs.tokenized(cfg)
-    rows = data.collator(tokenizer, cfg.model.task)(
+    rows = batching.collator(tokenizer, cfg.model.task)(
         [tokenized["eval"][i] for i in range(min(check_rows, len(tokenized["eval"])))])
     rows.pop("labels")
 

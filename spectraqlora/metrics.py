@@ -15,7 +15,8 @@ from pathlib import Path
 
 # Trainer log keys -> logged keys
 TRAINER_KEYS = {"loss": "train/loss", "learning_rate": "train/lr", "grad_norm": "train/grad_norm",
-                "eval_loss": "eval/loss", "eval_accuracy": "eval/accuracy"}
+                "eval_loss": "eval/loss", "eval_accuracy": "eval/accuracy",
+                "eval_tokens_per_sec": "perf/eval_tokens_per_sec"}
 SECTIONS = {"step_time_s": "perf", "tokens_per_sec": "perf", "samples_per_sec": "perf", "train_tokens": "perf",
             "peak_rss_gb": "mem", "peak_allocated_gb": "mem", "peak_reserved_gb": "mem",
             "eval_perplexity": "eval"}
@@ -96,10 +97,13 @@ def format_metrics(metrics: dict) -> str:
 def format_summary(metrics: dict, run_dir: Path, adapter: Path, wall_s: float) -> str:
     """The block a finished run ends with: where it is, what it reached, what it cost."""
     evals = "   ".join(f"{key.removeprefix('eval_')} " + (f"{metrics[key + '_before']:.4f} -> " if key + "_before" in metrics else "")
-                       + f"{metrics[key]:.4f}" for key in metrics if key.startswith("eval_") and not key.endswith("_before"))
+                       + f"{metrics[key]:.4f}" for key in metrics
+                       if key.startswith("eval_") and not key.endswith("_before") and key != "eval_tokens_per_sec")
     rows = {"run dir": run_dir, "eval": evals,
             "training": f"{metrics['train_steps']} steps in {metrics['train_runtime_s']:.1f} s"
-                        + (f", {metrics['tokens_per_sec']:,.0f} tokens/s" if "tokens_per_sec" in metrics else ""),
+                        + (f", {metrics['tokens_per_sec']:,.0f} tokens/s" if "tokens_per_sec" in metrics else "")
+                        + (f" (evaluation {metrics['eval_tokens_per_sec']:,.0f} tokens/s)"
+                           if "eval_tokens_per_sec" in metrics else ""),
             "wall time": f"{wall_s:.1f} s", "peak memory": f"{metrics['peak_mem_gb']:.2f} GB",
             "adapter": adapter}
     return "\n".join(f"  {name:<12} {value}" for name, value in rows.items())

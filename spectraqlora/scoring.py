@@ -93,7 +93,7 @@ def choice_scores(model, choices: LabelChoices, batch_size: int, pad_id: int, de
     by_input: dict[int, list[tuple[int, int, int, int]]] = {}  # input -> (row, class, positions from its end, token)
     for row, choice, i, position, token in choices.terms:
         by_input.setdefault(i, []).append((row, choice, len(inputs[i]) - 1 - position, token))
-    accepts = inspect.signature(_hf_model(model).forward).parameters
+    accepts = inspect.signature(hf_model(model).forward).parameters
     left = "position_ids" in accepts  # without them, left padding would shift absolute positions
     scores = torch.zeros(len(choices.gold), len(choices.names), dtype=torch.float64)
     was_training = model.training
@@ -120,7 +120,7 @@ def choice_scores(model, choices: LabelChoices, batch_size: int, pad_id: int, de
     return scores
 
 
-def _hf_model(model):
+def hf_model(model):
     """The transformers model inside peft and distributed wrappers (whose forward takes **kwargs)."""
     while True:
         if hasattr(model, "get_base_model"):

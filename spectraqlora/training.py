@@ -13,15 +13,16 @@ import torch
 import transformers
 from transformers import TrainingArguments
 
-from spectraqlora import data, metrics, rundir, scoring
-from spectraqlora.config import NonFinite, Task, TrainConfig
+from spectraqlora import batching, losses, metrics, rundir, scoring
+from spectraqlora.config import Batching, NonFinite, Task, TrainConfig
 from spectraqlora.errors import NonFiniteLoss
 from spectraqlora.telemetry import Telemetry, show_progress
 
 log = logging.getLogger(__name__)
 
 
-def training_arguments(cfg: TrainConfig, run_dir: Path, fsdp: bool = False) -> TrainingArguments:
+def training_arguments(cfg: TrainConfig, run_dir: Path, fsdp: bool = False,
+                       grouped: bool = False) -> TrainingArguments:
     knobs = dataclasses.asdict(cfg.trainer)
     bf16 = knobs.pop("bf16")
     if bf16 is None:
@@ -46,6 +47,7 @@ def training_arguments(cfg: TrainConfig, run_dir: Path, fsdp: bool = False) -> T
         disable_tqdm=not show_progress(cfg.logger),
         remove_unused_columns=False,
         label_names=["labels"],
+        train_sampling_strategy="group_by_length" if grouped else "random",
         prediction_loss_only=cfg.model.task is not Task.classification,
         **{**knobs, "optim": optimizer(knobs["optim"], fsdp)},
     )
@@ -83,18 +85,24 @@ class Trainer(transformers.Trainer):
         self.skipped_steps = 0
         self.choices = choices
 
-    def evaluation_loop(self, *args, **kwargs):
-        out = super().evaluation_loop(*args, **kwargs)
+    def evaluation_loop(self, dataloader, *args, **kwargs):
+        began = time.perf_counter()
+        out = super().evaluation_loop(dataloader, *args, **kwargs)
+        prefix = kwargs.get("metric_key_prefix", "eval")
         if self.choices is not None:
             # under FSDP only the wrapped model holds whole weights; every rank scores alike
             net = self.model_wrapped if self.is_fsdp_enabled else self.model
             with self.autocast_smart_context_manager():
                 accuracy = scoring.choice_accuracy(net, self.choices, self.args.eval_batch_size,
                                            self.processing_class.pad_token_id, self.args.device)
-            out.metrics[f"{kwargs.get('metric_key_prefix', 'eval')}_accuracy"] = accuracy
+            out.metrics[f"{prefix}_accuracy"] = accuracy
+        tokens = sum(map(len, dataloader.dataset["input_ids"]))  # the eval rows' own tokens, no padding
+        out.metrics[f"{prefix}_tokens_per_sec"] = tokens / (time.perf_counter() - began)
         return out
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if isinstance(self.compute_loss_func, losses.LabelLoss):
+            inputs = self.compute_loss_func.model_inputs(inputs)
         result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         loss = result[0] if return_outputs else result
         if not model.training or torch.isfinite(loss.detach()).all():
@@ -198,39 +206,94 @@ def _samples_per_step(args: TrainingArguments) -> int:
 
 
 class LogProgress(transformers.TrainerCallback):
-    """Without a progress bar (output piped to a file): the Trainer's printed dicts become one
-    log line per logging step, with the time left (evaluations before training are logged by
-    the run itself)."""
+    """Without a progress bar (output piped to a file): one log line per logging step, with the
+    time left (training steps to come at their measured pace, plus the evaluations to come at
+    the last one's), and during an evaluation a line every tenth of its batches (once it has
+    run QUIET_S seconds: short evaluations say nothing)."""
 
-    began = None
+    QUIET_S = 5.0
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.began, self.first_step = time.perf_counter(), state.global_step
+    def __init__(self):
+        self.train_s = 0.0  # time in training steps, evaluations excluded
+        self.steps = 0
+        self.eval_s: float | None = None  # the last evaluation's duration
+        self.eval_batches = self.eval_total = 0
+        self.started = 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.started = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.train_s += time.perf_counter() - self.started
+        self.steps += 1
+
+    def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+        """The clock starts at the end of the first batch: the pace is that of the batches since."""
+        now = time.perf_counter()
+        if self.eval_batches == 0:
+            self.eval_began = self.said = now
+        self.eval_batches += 1
+        self.eval_total = len(eval_dataloader) if eval_dataloader is not None else 0
+        done, total = self.eval_batches, self.eval_total
+        if total and done < total and done % -(-total // 10) == 0 and now - self.said >= self.QUIET_S:
+            self.said = now
+            log.info("evaluating: batch %d/%d, %s left", done, total, _clock(self._per_batch() * (total - done)))
+
+    def _per_batch(self) -> float:
+        return (time.perf_counter() - self.eval_began) / max(self.eval_batches - 1, 1)
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        if self.eval_batches:
+            self.eval_s = self._per_batch() * max(self.eval_total, self.eval_batches)
+        self.eval_batches = 0
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}
-        if self.began is None:
-            return
-        if "eval_loss" in logs:
+        if "eval_loss" in logs and state.max_steps:
             log.info("step %d/%d: eval loss %.4f%s", state.global_step, state.max_steps, logs["eval_loss"],
                      f"  accuracy {logs['eval_accuracy']:.4f}" if "eval_accuracy" in logs else "")
-        elif "loss" in logs:
-            done = state.global_step - self.first_step
-            per_step = (time.perf_counter() - self.began) / max(done, 1)
+        elif "loss" in logs and self.steps:
+            per_step = self.train_s / self.steps
+            evals = evaluations_left(args, state)
             left = per_step * (state.max_steps - state.global_step)
-            log.info("step %d/%d: loss %.4f  lr %.3g  %.2f s/step  %s left", state.global_step,
+            if self.eval_s is not None:
+                evals_note = f" (with {evals} evaluation{'s' * (evals != 1)})" if evals else ""
+                left += evals * self.eval_s
+            else:
+                evals_note = f" (+ {evals} evaluation{'s' * (evals != 1)})" if evals else ""
+            log.info("step %d/%d: loss %.4f  lr %.3g  %.2f s/step  %s left%s", state.global_step,
                      state.max_steps, logs["loss"], logs.get("learning_rate", float("nan")),
-                     per_step, time.strftime("%H:%M:%S", time.gmtime(left)))
+                     per_step, _clock(left), evals_note)
+
+
+def evaluations_left(args: TrainingArguments, state) -> int:
+    """Evaluations still to come: the Trainer's every eval_steps, then the one after training
+    (training.evaluate reuses an evaluation of the last step)."""
+    every = args.eval_steps if args.eval_strategy == "steps" else 0
+    periodic = (state.max_steps // every - state.global_step // every) if every else 0
+    final_reused = bool(every) and state.max_steps % every == 0
+    return periodic + (0 if final_reused else 1)
+
+
+def _clock(seconds: float) -> str:
+    return time.strftime("%H:%M:%S", time.gmtime(seconds))
 
 
 def build_trainer(net, tokenized, tokenizer, cfg: TrainConfig, run_dir: Path, callbacks: list | None = None,
                   choices: scoring.LabelChoices | None = None, fsdp: bool = False) -> Trainer:
+    """The Trainer for this run: batches as dataset.batching says (auto resolved for this model),
+    the loss computed where the labels are (losses.py)."""
+    task, hf_model = cfg.model.task, scoring.hf_model(net)
+    mode = batching.resolve(cfg.dataset.batching, hf_model, task, cfg.dataset.packing)
+    if mode is Batching.padding_free:
+        batching.attend_per_row(hf_model)
     trainer = Trainer(
         model=net,
-        args=training_arguments(cfg, run_dir, fsdp),
+        args=training_arguments(cfg, run_dir, fsdp, grouped=mode is Batching.grouped),
         train_dataset=tokenized["train"],
         eval_dataset=tokenized["eval"],
-        data_collator=data.collator(tokenizer, cfg.model.task),
+        data_collator=batching.collator(tokenizer, task, mode),
+        compute_loss_func=None if task is Task.seq2seq else losses.LabelLoss(task, hf_model, mode is Batching.padding_free),
         processing_class=tokenizer,
         compute_metrics=accuracy if cfg.model.task is Task.classification else None,
         on_nonfinite_loss=cfg.trainer.on_nonfinite_loss,
@@ -254,8 +317,8 @@ def save_adapter(trainer: Trainer, path: Path) -> None:
 
 
 def evaluate(trainer: Trainer, task: Task) -> dict:
-    """eval_loss, plus eval_perplexity (language models) and eval_accuracy (classification, and
-    language models on labeled data).
+    """eval_loss, plus eval_perplexity (language models), eval_accuracy (classification, and
+    language models on labeled data) and eval_tokens_per_sec.
 
     An evaluation the Trainer has just run at this very step is reused, not repeated."""
     step = trainer.state.global_step
@@ -265,8 +328,9 @@ def evaluate(trainer: Trainer, task: Task) -> dict:
     out = {"eval_loss": raw["eval_loss"]}
     if task is not Task.classification:
         out["eval_perplexity"] = metrics.perplexity(raw["eval_loss"])
-    if "eval_accuracy" in raw:
-        out["eval_accuracy"] = raw["eval_accuracy"]
+    for key in ("eval_accuracy", "eval_tokens_per_sec"):
+        if key in raw:
+            out[key] = raw[key]
     return out
 
 

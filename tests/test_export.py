@@ -16,7 +16,7 @@ from spectraqlora.export import export_run
 # run's eval split computed as the Trainer does (the batch mean loss, weighted by batch size).
 RELOAD = """
 import json, sys, torch, transformers
-from spectraqlora import data
+from spectraqlora import batching, data
 from spectraqlora.config import load_run_config
 run_dir, merged = sys.argv[1], sys.argv[2]
 cfg = load_run_config(run_dir)
@@ -25,7 +25,7 @@ auto = {"classification": transformers.AutoModelForSequenceClassification,
 net = auto.from_pretrained(merged).eval()
 tokenizer = transformers.AutoTokenizer.from_pretrained(merged)
 rows = data.tokenize(data.load(cfg.dataset, cfg.model.task, cfg.seed), tokenizer, cfg.dataset, cfg.model.task)["eval"]
-collate, size = data.collator(tokenizer, cfg.model.task), cfg.trainer.per_device_eval_batch_size
+collate, size = batching.collator(tokenizer, cfg.model.task), cfg.trainer.per_device_eval_batch_size
 total = 0.0
 with torch.no_grad():
     for i in range(0, len(rows), size):

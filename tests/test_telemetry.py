@@ -116,3 +116,37 @@ def test_a_runs_memory_peak_starts_with_the_run_not_with_the_process():
     del big
     reset_peak_memory()
     assert memory()["peak_rss_gb"] < high - 0.3
+
+
+def test_piped_progress_counts_evaluations_to_come_and_speaks_during_long_ones(monkeypatch, caplog):
+    from types import SimpleNamespace
+
+    from spectraqlora import training
+
+    clock = [0.0]
+    monkeypatch.setattr(training.time, "perf_counter", lambda: clock[0])
+    progress = training.LogProgress()
+    args = SimpleNamespace(eval_strategy="steps", eval_steps=10)
+    state = SimpleNamespace(global_step=0, max_steps=30)
+    with caplog.at_level("INFO", logger="spectraqlora.training"):
+        for step in range(1, 6):  # 5 steps of 2 s, no evaluation measured yet
+            progress.on_step_begin(args, state, None)
+            clock[0] += 2.0
+            state.global_step = step
+            progress.on_step_end(args, state, None)
+        progress.on_log(args, state, None, logs={"loss": 1.0, "learning_rate": 1e-3})
+        assert caplog.messages[-1].endswith("2.00 s/step  00:00:50 left (+ 3 evaluations)")  # at 10, 20, 30
+        loader = [None] * 20
+        for _ in loader:  # an evaluation of 20 batches, 1 s each
+            clock[0] += 1.0
+            progress.on_prediction_step(args, state, None, eval_dataloader=loader)
+        progress.on_evaluate(args, state, None)
+        said = [m for m in caplog.messages if m.startswith("evaluating")]
+        assert said == ["evaluating: batch 6/20, 00:00:14 left", "evaluating: batch 12/20, 00:00:08 left",
+                        "evaluating: batch 18/20, 00:00:02 left"]
+        progress.on_log(args, state, None, logs={"loss": 1.0, "learning_rate": 1e-3})
+        assert caplog.messages[-1].endswith("00:01:50 left (with 3 evaluations)")  # 50 s + 3 x 20 s
+        state.global_step = 30
+        assert training.evaluations_left(args, state) == 0  # the one at step 30 is reused after training
+        state.max_steps, state.global_step = 25, 20
+        assert training.evaluations_left(args, state) == 1  # none at a multiple of 10 left: the final one
