@@ -91,7 +91,8 @@ def final(after: dict, before: dict, **figures) -> dict:
 
 
 def format_metrics(metrics: dict) -> str:
-    return "  ".join(f"{k.removeprefix('eval_')}={v:.4f}" for k, v in metrics.items())
+    """The eval metrics of a log line (loss=0.6504  accuracy=0.6000); timings are the summary's."""
+    return "  ".join(f"{k.removeprefix('eval_')}={v:.4f}" for k, v in metrics.items() if not k.endswith("_per_sec"))
 
 
 def format_summary(metrics: dict, run_dir: Path, adapter: Path, wall_s: float) -> str:
