@@ -12,18 +12,16 @@ from __future__ import annotations
 ROWWISE = "sdpa_rows"
 
 
-def rowwise_sdpa(module, query, key, value, attention_mask, position_ids=None, **kwargs):
-    """transformers' attention-function signature: query (1, heads, tokens, dim) of a flattened
-    batch whose position ids restart at 0 for each row."""
+def rowwise_sdpa(module, query, key, value, attention_mask, cu_seq_lens_q=None, **kwargs):
+    """transformers' attention-function signature. A flattened batch comes with its rows'
+    boundaries (`cu_seq_lens_q`, from batching.PaddingFree); anything else is plain sdpa."""
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if position_ids is None or query.shape[0] != 1:
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("cu_seq_lens_k", "max_length_q", "max_length_k")}
+    if cu_seq_lens_q is None or query.shape[0] != 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    starts = (position_ids[0] == 0).nonzero().flatten().tolist()
-    if len(starts) < 2 or starts[0] != 0:  # a single row, or not a flattened batch
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    bounds = [*starts, query.shape[2]]
+    bounds = cu_seq_lens_q.tolist()
     rows = [sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None,
                                    is_causal=True, **kwargs)[0] for a, b in zip(bounds, bounds[1:])]
     return torch.cat(rows, dim=1), None

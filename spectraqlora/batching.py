@@ -68,7 +68,8 @@ def attend_per_row(hf_model) -> None:
 
 
 class PaddingFree:
-    """A batch's rows as one sequence: `input_ids` and `position_ids` of shape (1, tokens);
+    """A batch's rows as one sequence: `input_ids` and `position_ids` of shape (1, tokens), the
+    rows' boundaries (`cu_seq_lens_q`/`_k`, `max_length_q`/`_k`);
     causal LMs' `labels` flattened alike (each row's first label masked, so no row learns to
     predict the next row), a classifier's `labels` one per row. `attention_mask` (all ones) is
     there for the Trainer's count of tokens seen only: losses.py drops it before the model,
@@ -78,7 +79,9 @@ class PaddingFree:
         from transformers import DataCollatorWithFlattening
 
         self.task = task
-        self.flatten = DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
+        # the rows' boundaries go with the batch: flash attention's varlen route and sdpa_rows read them
+        self.flatten = DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX,
+                                                  return_flash_attn_kwargs=True)
 
     def __call__(self, features: list[dict]) -> dict:
         import torch

@@ -109,3 +109,4 @@ def test_eval_rows_come_longest_first():
 
     data = Dataset.from_dict({"input_ids": [[1], [1, 2, 3], [1, 2], [4, 5, 6]]})
     assert batching.longest_first(data)["input_ids"] == [[1, 2, 3], [4, 5, 6], [1, 2], [1]]
+
