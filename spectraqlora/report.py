@@ -81,11 +81,20 @@ def setting_name(row: dict, keys: list[str]) -> str:
     return ",".join(str(row["overrides"].get(k, "")) for k in keys)
 
 
+def paired_interval(diffs: list[float], confidence: float = 0.95) -> tuple[float, float]:
+    """The mean of paired differences (one per seed) and the half-width of its Student-t
+    interval; NaN for the half-width of a single difference."""
+    from scipy import stats
+
+    mean = statistics.mean(diffs)
+    if len(diffs) < 2:
+        return mean, float("nan")
+    return mean, float(stats.t.ppf((1 + confidence) / 2, len(diffs) - 1)) * statistics.stdev(diffs) / len(diffs) ** 0.5
+
+
 def compare(rows: list[dict], keys: list[str], pair: str, confidence: float = 0.95) -> list[dict]:
     """`A:B`: per metric of COMPARED, the differences A - B between runs of the same seed, their
     mean and its Student-t interval. A setting that no run has, or no seed in common, is an error."""
-    from scipy import stats
-
     a, sep, b = pair.partition(":")
     names = sorted({setting_name(r, keys) for r in rows})
     if not sep or a not in names or b not in names:
@@ -101,9 +110,7 @@ def compare(rows: list[dict], keys: list[str], pair: str, confidence: float = 0.
                  if metric in by_seed[a][s] and metric in by_seed[b][s]]
         if not diffs:
             continue
-        mean = statistics.mean(diffs)
-        half = (stats.t.ppf((1 + confidence) / 2, len(diffs) - 1) * statistics.stdev(diffs) / len(diffs) ** 0.5
-                if len(diffs) > 1 else float("nan"))
+        mean, half = paired_interval(diffs, confidence)
         out.append({"a": a, "b": b, "metric": metric, "title": title, "fmt": fmt, "n": len(diffs),
                     "mean": mean, "low": mean - half, "high": mean + half, "diffs": diffs})
     return out

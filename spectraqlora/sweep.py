@@ -97,27 +97,37 @@ def named_lock(url: str, name: str):
 
 def make_pruner(pruner_cfg):
     """Pruners are not stored with the study: every process builds the same one from config."""
-    from hydra.utils import instantiate
+    import warnings
 
-    return instantiate(pruner_cfg)
+    from hydra.utils import instantiate
+    from optuna.exceptions import ExperimentalWarning
+
+    with warnings.catch_warnings():  # WilcoxonPruner's "experimental" on every start
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        return instantiate(pruner_cfg)
 
 
 def current_trial(hydra_cfg):
-    """The Optuna trial this training job runs as (its job number is the trial number), when
-    spectraqlora's sweeper launched it; None otherwise and for multi-objective studies, which
-    cannot prune."""
+    """The Optuna trial this training job reports its eval losses to, when spectraqlora's sweeper
+    launched it: the trial its job number is, or with repeats the one the sweeper named in the
+    job's `hydra.sweeper.report_to` (only a trial's first repeat has one). None otherwise and for
+    multi-objective studies, which cannot prune."""
     if hydra_cfg.mode is not RunMode.MULTIRUN or hydra_cfg.sweeper.get("_target_") != SWEEPER:
         return None
     import optuna
 
     sweeper = hydra_cfg.sweeper
+    repeated = any(o.startswith("hydra.sweeper.report_to=") for o in hydra_cfg.overrides.hydra)
+    number = sweeper.get("report_to") if repeated else hydra_cfg.job.num
+    if number is None:
+        return None
     name = study_name(sweeper, hydra_cfg.sweep.dir)
     storage = make_storage(storage_url(sweeper.storage, hydra_cfg.sweep.dir))
     study = optuna.load_study(study_name=name, storage=storage, pruner=make_pruner(sweeper.pruner))
     if len(study.directions) > 1:
         return None
     study_id = storage.get_study_id_from_name(name)
-    trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, hydra_cfg.job.num)
+    trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, number)
     return optuna.trial.Trial(study, trial_id)
 
 

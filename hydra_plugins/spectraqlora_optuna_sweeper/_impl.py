@@ -26,6 +26,8 @@ from hydra.core.utils import JobStatus
 from hydra.utils import get_method
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from hydra_plugins.spectraqlora_optuna_sweeper import _repeats as rep
+from hydra_plugins.spectraqlora_optuna_sweeper._confirm import CONFIRMATION, SETTINGS, Confirmation, summary
 from hydra_plugins.spectraqlora_optuna_sweeper.lifecycle import LOST, Heartbeat, dead_trials, failure_stop, lost
 from hydra_plugins.spectraqlora_optuna_sweeper.results import (RESULTS, objective_names, plot_study, shown_url,
                                                               write_results)
@@ -54,7 +56,8 @@ def _raised(ret) -> BaseException:
 class SweeperImpl:
     def __init__(self, sampler, pruner, direction, objectives, storage, study_name, n_trials,
                  n_jobs, max_failure_rate, heartbeat_interval, grace_period, params,
-                 custom_search_space=None, workers=1):
+                 custom_search_space=None, workers=1, repeats=1, repeat_seeds=None, repeat_key="seed",
+                 confirm=None, report_to=None):
         self.sampler_cfg, self.pruner_cfg = sampler, pruner  # configs (_recursive_: false)
         self.directions = list(direction) if isinstance(direction, (list, ListConfig)) else [direction]
         self.objectives = list(objectives) if objectives else None
@@ -66,6 +69,8 @@ class SweeperImpl:
         self.grace_period = grace_period or 2 * heartbeat_interval
         self.exhausted = False  # a grid sampler has run its whole grid
         self.custom_search_space = custom_search_space
+        self.repeats_cfg = dict(repeats=repeats, seeds=repeat_seeds, key=repeat_key, confirm=confirm,
+                                report_to=report_to)
 
     def setup(self, *, hydra_context, task_function, config: DictConfig) -> None:
         self.config, self.task_function = config, task_function
@@ -86,6 +91,7 @@ class SweeperImpl:
         self._check()
         self.sweep_dir.mkdir(parents=True, exist_ok=True)
         fixed, space = search_space(self.params, arguments)
+        rep.check_key(self.repeats, fixed, space)
         if not space:
             log.info("no search space (hydra.sweeper.params): n_trials=%d runs of the fixed config", self.n_trials)
         self.extend_space = None
@@ -128,6 +134,40 @@ class SweeperImpl:
         self._write_results(study, final=True)
         if stop := self._failure_stop(study):
             raise UserError(stop)
+        if self.confirm:
+            self._confirm(study, fixed)
+
+    def _confirm(self, study: optuna.Study, fixed: list[str]) -> None:
+        """The confirmation stage: the settings are chosen once, by the first worker to get
+        here; every worker then takes the next waiting one (a lost one waits again)."""
+        with self._lock():
+            confirm = optuna.create_study(study_name=f"{self.study_name}-confirm", storage=self.storage_obj,
+                                          directions=self.directions, load_if_exists=True)
+            if SETTINGS not in confirm.user_attrs:
+                settings = self.confirm.settings(study, fixed)
+                for setting in settings:
+                    confirm.enqueue_trial({}, user_attrs={rep.CONFIRM: setting})
+                confirm.set_user_attr(SETTINGS, settings)
+        log.info("confirmation: %s on seeds %s", ", ".join(s["name"] for s in confirm.user_attrs[SETTINGS]),
+                 self.confirm.seeds)
+        while True:
+            with self._lock():
+                self._fail_dead_trials(confirm)
+                waiting = confirm.get_trials(deepcopy=False, states=(State.WAITING,))
+                trial = confirm.ask() if waiting else None
+            if trial is None:
+                if self._wait_for_running_trials(confirm):
+                    continue
+                break
+            self._claim(trial)
+            setting = trial.user_attrs[rep.CONFIRM]
+            log.info("confirmation trial %d: %s %s", trial.number, setting["name"], " ".join(setting["overrides"]))
+            self.run_repeated(confirm, [trial], [setting["overrides"]], self.confirm.repeats(),
+                              in_run_pruning=False, subdir="confirm/")
+            self.confirm.write(confirm, self.sweep_dir)
+        results = self.confirm.write(confirm, self.sweep_dir)
+        log.info("%s:\n%s", self.sweep_dir / CONFIRMATION, (self.sweep_dir / CONFIRMATION).read_text())
+        log.info(summary(results))
 
     def _lock(self):
         return study_lock(self.url, self.study_name)
@@ -140,7 +180,8 @@ class SweeperImpl:
             self._fail_dead_trials(study)
             stop = self._failure_stop(study)
             every = study.get_trials(deepcopy=False)
-            left = self.n_trials - sum(not lost(t) for t in every)  # a lost trial is asked again
+            # a lost trial does not count (with repeats, its retry waits to be asked)
+            left = self.n_trials - sum(not lost(t) and t.state is not State.WAITING for t in every)
             if stop or self.exhausted or left <= 0:
                 trials = []
             else:
@@ -155,8 +196,7 @@ class SweeperImpl:
              space: dict) -> None:
         jobs = []
         for trial in trials:
-            trial.set_user_attr("worker_host", socket.gethostname())
-            trial.set_user_attr("worker_pid", os.getpid())
+            self._claim(trial)
             for name, dist in space.items():
                 suggest(trial, name, dist)
             if self.extend_space:
@@ -166,52 +206,134 @@ class SweeperImpl:
             params = [f"{name}={value}" for name, value in trial.params.items()]
             log.info("trial %d: %s", trial.number, " ".join(params))
             jobs.append(fixed + params)
-        heartbeat = Heartbeat(self.storage_obj, [self._trial_id(t.number) for t in trials], self.heartbeat_interval)
-        try:
-            returns = self.launcher.launch(jobs, initial_job_idx=trials[0].number)
-        except BaseException as exc:  # Ctrl-C, or a launcher that died: never left RUNNING
-            for trial in trials:
-                trial.set_user_attr(LOST, True)
-                self._fail(study, trial, f"interrupted: {type(exc).__name__}")
-            raise
-        finally:
-            heartbeat.stop()
+        if self.repeats:
+            self.run_repeated(study, trials, jobs, self.repeats, in_run_pruning=True)
+            return
+        returns = self._launch(study, trials, jobs, initial_job_idx=trials[0].number)
         for trial, ret in zip(trials, returns):
             self._record(study, trial, ret)
 
-    def _record(self, study: optuna.Study, trial: optuna.Trial, ret) -> None:
-        run_dir = ret.hydra_cfg.hydra.runtime.output_dir if ret.hydra_cfg else None
-        told = self.storage_obj.get_trial(self._trial_id(trial.number))
+    @staticmethod
+    def _claim(trial: optuna.Trial) -> None:
+        """Whose trial it is: a dead process on this machine fails it at once (lifecycle)."""
+        trial.set_user_attr("worker_host", socket.gethostname())
+        trial.set_user_attr("worker_pid", os.getpid())
+
+    def _launch(self, study: optuna.Study, trials: list[optuna.Trial], jobs: list[list[str]],
+                initial_job_idx: int):
+        """One launch, with heartbeats for `trials`; a Ctrl-C or a launcher that died leaves
+        none of them RUNNING (with repeats, each is asked again)."""
+        heartbeat = Heartbeat(self.storage_obj, [self._trial_id(study, t.number) for t in trials],
+                              self.heartbeat_interval)
+        try:
+            return self.launcher.launch(jobs, initial_job_idx=initial_job_idx)
+        except BaseException as exc:
+            for trial in trials:
+                trial.set_user_attr(LOST, True)
+                self._fail(study, trial, f"interrupted: {type(exc).__name__}")
+                if self.repeats:
+                    rep.retry(study, self.storage_obj.get_trial(self._trial_id(study, trial.number)))
+            raise
+        finally:
+            heartbeat.stop()
+
+    def _finished_elsewhere(self, study: optuna.Study, trial: optuna.Trial, run_dir) -> bool:
+        told = self.storage_obj.get_trial(self._trial_id(study, trial.number))
         if told.state.is_finished():  # marked FAIL by a worker that missed our heartbeats
             log.warning("trial %d was marked %s by another worker while it ran (%s); its run dir "
                         "%s keeps what it wrote", trial.number, told.state.name,
                         told.user_attrs.get("error"), run_dir)
+        return told.state.is_finished()
+
+    def _record(self, study: optuna.Study, trial: optuna.Trial, ret) -> None:
+        run_dir = ret.hydra_cfg.hydra.runtime.output_dir if ret.hydra_cfg else None
+        if self._finished_elsewhere(study, trial, run_dir):
             return
         if run_dir:
             trial.set_user_attr("run_dir", str(run_dir))
+        outcome, result = self._outcome(ret, run_dir)
+        if outcome == "values":
+            self._complete(study, trial, result)
+        elif outcome == "pruned":
+            self._tell(study, trial, state=State.PRUNED)
+            log.info("trial %d pruned (%s)", trial.number, result)
+        else:
+            self._fail(study, trial, result)
+
+    def _outcome(self, ret, run_dir) -> tuple[str, object]:
+        """("values", the job's objectives), ("pruned", the exception) or ("fail", why)."""
         if ret.status is not JobStatus.COMPLETED:
             exc = _raised(ret)
             if isinstance(exc, optuna.TrialPruned):
-                self._tell(study, trial, state=State.PRUNED)
-                log.info("trial %d pruned (%s)", trial.number, exc)
-            else:
-                self._fail(study, trial, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
-            return
+                return "pruned", exc
+            return "fail", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         try:
             values = self._objectives(ret, run_dir)
         except (UserError, OSError, KeyError, TypeError, ValueError) as exc:
-            self._fail(study, trial, f"no objective: {exc}")
-            return
+            return "fail", f"no objective: {exc}"
         if len(values) != len(self.directions):
-            self._fail(study, trial, f"the task returned {len(values)} value(s) {values} for "
-                                     f"{len(self.directions)} objective(s) (hydra.sweeper.direction)")
-            return
+            return "fail", (f"the task returned {len(values)} value(s) {values} for "
+                            f"{len(self.directions)} objective(s) (hydra.sweeper.direction)")
         if not all(math.isfinite(v) for v in values):
-            self._fail(study, trial, f"objective is {values}")
-            return
+            return "fail", f"objective is {values}"
+        return "values", values
+
+    def _complete(self, study: optuna.Study, trial: optuna.Trial, values: list[float]) -> None:
         self._tell(study, trial, values)
         log.info("trial %d: %s = %s", trial.number, ", ".join(objective_names(self.objectives, self.directions)),
                  ", ".join(f"{v:.6g}" for v in values))
+
+    def run_repeated(self, study: optuna.Study, trials: list[optuna.Trial], jobs: list[list[str]],
+                     repeats: rep.Repeats, in_run_pruning: bool, subdir: str = "") -> None:
+        """Each trial's setting once per seed of `repeats`; its objective the mean over them.
+        Hydra's own launcher, and a Wilcoxon pruner, run one repeat of every trial per launch,
+        so that each finished repeat is recorded (and can prune) before the next starts; other
+        launchers get all repeats of the batch in one launch, to run in parallel. The first
+        repeat of a search trial reports its eval losses to the trial (pruning inside the run:
+        every trial's first repeat has the same seed); the others report nothing."""
+        done = {t.number: rep.carried(study, t, repeats) for t in trials}
+        for trial in trials:
+            if done[trial.number]:  # a retry: what it took over is its own from now on
+                rep.record(trial, repeats, done[trial.number])
+        live = list(trials)
+        per_launch = 1 if repeats.across or self.local else len(repeats.seeds)
+        while live:
+            batch = [(t, i) for t in live for i in [i for i in range(len(repeats.seeds))
+                                                      if i not in done[t.number]][:per_launch]]
+            overrides = [rep.job_overrides(jobs[trials.index(t)], repeats, i, f"{subdir}{t.number}",
+                                           t.number if in_run_pruning and i == 0 and not repeats.across else None)
+                         for t, i in batch]
+            returns = self._launch(study, live, overrides, initial_job_idx=batch[0][0].number)
+            for (trial, i), ret in zip(batch, returns):
+                run_dir = ret.hydra_cfg.hydra.runtime.output_dir if ret.hydra_cfg else None
+                if trial not in live or self._finished_elsewhere(study, trial, run_dir):
+                    live = [t for t in live if t is not trial]
+                    continue
+                outcome, result = self._outcome(ret, run_dir)
+                seed = f"{repeats.key}={repeats.seeds[i]}"
+                if outcome == "values":
+                    done[trial.number][i] = (result, str(run_dir))
+                    trial.set_user_attr("run_dir", str(Path(run_dir).parent))  # the trial's, above its repeats'
+                    rep.record(trial, repeats, done[trial.number])
+                    if repeats.across:
+                        trial.report(result[0], i)  # the seed's index: the pruner pairs by it
+                    continue
+                live.remove(trial)
+                if outcome == "pruned":
+                    self._tell(study, trial, state=State.PRUNED)
+                    log.info("trial %d pruned at %s (%s)", trial.number, seed, result)
+                else:
+                    self._fail(study, trial, f"repeat {seed}: {result}")
+            for trial in list(live):
+                values = [done[trial.number][i][0] for i in sorted(done[trial.number])]
+                if len(values) == len(repeats.seeds):
+                    live.remove(trial)
+                    self._complete(study, trial, rep.mean(values))
+                elif repeats.across and trial.should_prune():
+                    live.remove(trial)
+                    self._tell(study, trial, state=State.PRUNED)
+                    log.info("trial %d pruned after %d of %d repeats: worse than the best trial on "
+                             "the same seeds (Wilcoxon)", trial.number, len(values), len(repeats.seeds))
 
     def _objectives(self, ret, run_dir) -> list[float]:
         if not self.objectives:
@@ -238,6 +360,12 @@ class SweeperImpl:
     # -- set-up -----------------------------------------------------------------------------
 
     def _check(self) -> None:
+        cfg = self.repeats_cfg
+        if cfg["report_to"] is not None:
+            raise UserError(f"hydra.sweeper.report_to={cfg['report_to']}: the sweeper sets it on the "
+                            f"jobs it launches; drop it")
+        self.repeats = rep.configured(cfg["repeats"], cfg["seeds"], cfg["key"], self.pruner_cfg, len(self.directions))
+        self.confirm = Confirmation.configured(cfg["confirm"], self.repeats, len(self.directions), cfg["key"])
         if min(self.n_trials, self.n_jobs, self.workers) <= 0:
             raise UserError("hydra.sweeper.n_trials, n_jobs and workers must be positive")
         if self.workers > 1 and not self.local:
@@ -259,17 +387,20 @@ class SweeperImpl:
                             f"hydra.sweeper.direction {len(self.directions)}: give one per objective")
 
     def _fail_dead_trials(self, study: optuna.Study) -> None:
-        """FAIL the trials left RUNNING by a dead worker (call under the study lock)."""
+        """FAIL the trials left RUNNING by a dead worker (call under the study lock); with
+        repeats, each is asked again."""
         for number, error in dead_trials(study, self.grace_period):
-            trial_id = self._trial_id(number)
+            trial_id = self._trial_id(study, number)
             self.storage_obj.set_trial_user_attr(trial_id, "error", error)
             self.storage_obj.set_trial_user_attr(trial_id, LOST, True)
             self._tell(study, number, state=State.FAIL)
             log.warning("trial %d FAIL: %s", number, error)
+            if self.repeats:
+                rep.retry(study, self.storage_obj.get_trial(trial_id))
 
-    def _trial_id(self, number: int) -> int:
+    def _trial_id(self, study: optuna.Study, number: int) -> int:
         storage = self.storage_obj
-        return storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(self.study_name), number)
+        return storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study.study_name), number)
 
     def _wait_for_running_trials(self, study: optuna.Study) -> bool:
         """Before leaving, wait until no trial is RUNNING: each one finishes in its own worker
@@ -296,14 +427,16 @@ class SweeperImpl:
 
     def _write_results(self, study: optuna.Study, final: bool = False) -> None:
         names = objective_names(self.objectives, self.directions)
-        table = write_results(study, self.sweep_dir, names, self.directions, self.url)
+        table, results = write_results(study, self.sweep_dir, names, self.directions, self.url, self.repeats)
         plots = []
         if final or time.monotonic() - self.plotted_at >= PLOT_EVERY_S:
             complete = sum(t.state is State.COMPLETE for t in study.get_trials(deepcopy=False))
-            plots = plot_study(study, names, complete, self.sweep_dir)
+            plots = plot_study(study, names, complete, self.sweep_dir, self.repeats)
             self.plotted_at = time.monotonic()
         if final:
             log.info("%s:\n%s", self.sweep_dir / RESULTS, (self.sweep_dir / RESULTS).read_text())
+            if results.get("distinguishable") is False:
+                log.warning(rep.undistinguished(len(self.repeats.seeds)))
             if self._claim_summary(study):
                 log_sweep_summary(self.config, self.study_name, self.sweep_dir, table, plots)
 

@@ -121,6 +121,27 @@ class ThresholdPrunerConfig:
 
 
 @dataclass
+class WilcoxonPrunerConfig:
+    """Prunes across a trial's repeats (hydra.sweeper.repeats): once its per-seed values are
+    worse than the best trial's on the same seeds by a one-sided Wilcoxon signed-rank test."""
+
+    _target_: str = "optuna.pruners.WilcoxonPruner"
+    p_threshold: float = 0.1
+    n_startup_steps: int = 2
+
+
+@dataclass
+class ConfirmConfig:
+    """After the search: the top_k settings and a baseline, each run once per fresh seed."""
+
+    top_k: int = 0  # 0: no confirmation
+    seeds: List[int] = field(default_factory=lambda: [101, 102, 103, 104, 105])
+    # overrides of the reference setting, e.g. {selection.top_frac: 0.25, lora.r: 8}; empty:
+    # the fixed config itself
+    baseline: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class NopPrunerConfig:
     _target_: str = "optuna.pruners.NopPruner"
 
@@ -159,6 +180,15 @@ class SpectraOptunaSweeperConf:
     # dotted path of fn(cfg, trial), called before each trial to suggest more params (as in
     # hydra-optuna-sweeper); what it suggests is passed to the job as overrides
     custom_search_space: Optional[str] = None
+    # runs per trial, one per seed of repeat_seeds (shared by every trial, so that trials are
+    # paired); the trial's objective is their mean
+    repeats: int = 1
+    repeat_seeds: Optional[List[int]] = None  # null: [1, ..., repeats]
+    repeat_key: str = "seed"  # the override each repeat's seed is passed as
+    confirm: ConfirmConfig = field(default_factory=ConfirmConfig)
+    # set by the sweeper on the jobs of repeated trials, never by hand: the trial a job reports
+    # its eval losses to for pruning inside the run, null for none
+    report_to: Optional[int] = None
 
 
 def register() -> None:
@@ -171,7 +201,8 @@ def register() -> None:
     for name, node in samplers.items():
         cs.store(group="hydra/sweeper/sampler", name=name, node=node, provider="spectraqlora")
     for name, node in {"median": MedianPrunerConfig, "hyperband": HyperbandPrunerConfig,
-                       "threshold": ThresholdPrunerConfig, "none": NopPrunerConfig}.items():
+                       "threshold": ThresholdPrunerConfig, "wilcoxon": WilcoxonPrunerConfig,
+                       "none": NopPrunerConfig}.items():
         cs.store(group="hydra/sweeper/pruner", name=name, node=node, provider="spectraqlora")
 
 
