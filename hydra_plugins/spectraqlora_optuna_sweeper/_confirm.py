@@ -44,7 +44,7 @@ class Confirmation:
         if repeats and set(seeds) & set(repeats.seeds):
             raise UserError(f"hydra.sweeper.confirm.seeds={seeds} shares seeds with hydra.sweeper."
                             f"repeat_seeds={repeats.seeds}: confirmation needs fresh seeds")
-        return cls(cfg.top_k, seeds, dict(OmegaConf.to_container(cfg.baseline or {})), key)
+        return cls(cfg.top_k, seeds, _dotted(OmegaConf.to_container(cfg.baseline or {})), key)
 
     def repeats(self) -> rep.Repeats:
         return rep.Repeats(self.seeds, self.key, across=False)
@@ -95,6 +95,18 @@ class Confirmation:
         results = self.results(study)
         rundir.write_text(sweep_dir / CONFIRMATION, OmegaConf.to_yaml(OmegaConf.create(results)))
         return results
+
+
+def _dotted(tree: dict, prefix: str = "") -> dict:
+    """{selection: {top_frac: 0.25}} (as `+hydra.sweeper.confirm.baseline.selection.top_frac=0.25`
+    builds it) -> {selection.top_frac: 0.25}, the overrides it stands for."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat |= _dotted(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def summary(results: dict) -> str:
