@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,6 +78,11 @@ class Logger(str, enum.Enum):
 
 
 DTYPES = ("float32", "bfloat16", "float16")
+# transformers.SchedulerType's values (tests/test_config.py keeps them equal), here so that a
+# config error needs no transformers import
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+              "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
+              "warmup_stable_decay", "greedy")
 OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit",
               "paged_adamw_32bit", "adafactor", "sgd")
 
@@ -203,7 +209,8 @@ class QuantConfig:
 
 @dataclass
 class ScanConfig:
-    device: str = knob("cpu", "where the SVDs run: cpu, cuda, cuda:N")
+    device: str = knob("cpu", "where the SVDs run: cpu, cuda, cuda:N",
+                       check=lambda v: re.fullmatch(r"cpu|cuda(:\d+)?", v) is not None, accepted="cpu, cuda or cuda:N")
     cache: bool = knob(True, "reuse the SNR table of a checkpoint scanned before")
     cache_dir: str = knob("${cache_dir:}/scan", "where scanned tables are kept")
 
@@ -217,10 +224,12 @@ class TrainerConfig:
                           check=lambda v: v == -1 or v > 0, accepted="a positive integer, or -1 for epochs")
     num_train_epochs: float = knob(1.0, "epochs when max_steps=-1", **_positive("number"))
     learning_rate: float = knob(2e-4, "QLoRA paper: 2e-4 for 7-13B, 1e-4 for 33-70B", **_positive("number"))
-    lr_scheduler_type: str = knob("linear", "a transformers scheduler name")
+    lr_scheduler_type: str = knob("linear", "a transformers scheduler name", check=lambda v: v in SCHEDULERS,
+                                  accepted=f"one of transformers' schedulers: {', '.join(SCHEDULERS)}")
     warmup_steps: float = knob(10.0, "steps of linear warm-up", check=lambda v: v >= 0, accepted="a non-negative number")
     weight_decay: float = knob(0.0, "AdamW weight decay", check=lambda v: v >= 0, accepted="a non-negative number")
-    max_grad_norm: float = knob(1.0, "gradient clipping")
+    max_grad_norm: float = knob(1.0, "gradient clipping (0: off)", check=lambda v: v >= 0,
+                                accepted="a non-negative number (0: no clipping)")
     per_device_train_batch_size: int = knob(16, "rows per step per process", **_positive())
     per_device_eval_batch_size: int = knob(64, "rows per evaluation batch", **_positive())
     gradient_accumulation_steps: int = knob(1, "micro-batches per optimizer step", **_positive())
@@ -237,7 +246,8 @@ class TrainerConfig:
                            check=lambda v: v >= 0, accepted="a non-negative integer (0: no checkpoints)")
     save_total_limit: int = knob(2, "checkpoints kept", **_positive())
     bf16: Optional[bool] = knob(None, "null: on where CUDA supports bf16")
-    dataloader_num_workers: int = knob(0, "data loader processes")
+    dataloader_num_workers: int = knob(0, "data loader processes (0: in the training process)",
+                                       check=lambda v: v >= 0, accepted="a non-negative integer")
     resume: bool = knob(False, "continue from the last checkpoint in hydra.run.dir")
     on_nonfinite_loss: NonFinite = knob(NonFinite.error, "error: stop the run; skip: drop that step and count it")
     keep_checkpoints: bool = knob(False, "keep checkpoints/ once the run has finished")
@@ -262,7 +272,8 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     scan: ScanConfig = field(default_factory=ScanConfig)
-    seed: int = 42
+    seed: int = knob(42, "seeds data order, initialisation and dropout (python, numpy, torch)",
+                     check=lambda v: 0 <= v < 2 ** 32, accepted="an integer in [0, 2^32), as numpy's seeds")
 
 
 def range_errors(node, prefix: str = ""):
@@ -381,6 +392,11 @@ def unknown_keys(node: DictConfig, schema=TrainConfig, prefix: str = "") -> list
 
 def to_train_config(cfg: DictConfig) -> TrainConfig:
     """The composed Hydra config as typed, resolved, validated dataclasses."""
+    if missing := sorted(OmegaConf.missing_keys(cfg)):
+        key = missing[0]
+        group, _, name = key.rpartition(".")
+        help = next(f.metadata.get("help", "") for f in dataclasses.fields(_schema_at(group)) if f.name == name)
+        raise UserError(f"which {name}? give {key}=... ({help})")
     if unknown := unknown_keys(cfg):
         key, near = unknown[0]
         group, _, _ = key.rpartition(".")
@@ -404,6 +420,33 @@ def _schema_at(path: str):
     for part in filter(None, path.split(".")):
         schema = typing.get_type_hints(schema)[part]
     return schema
+
+
+# keys a resumed run may give other values than its record: where and how it logs, checkpoints
+# and scans, none of what it trains or on what
+MAY_CHANGE_ON_RESUME = ("logger.", "scan.", "trainer.resume", "trainer.save_steps", "trainer.save_total_limit",
+                        "trainer.keep_checkpoints", "trainer.logging_steps", "trainer.dataloader_num_workers",
+                        "trainer.on_nonfinite_loss", "trainer.per_device_eval_batch_size")
+
+
+def resume_differences(recorded: TrainConfig, typed: TrainConfig) -> list[str]:
+    """`key: recorded -> typed` for each key a resumed run would change that it may not."""
+    def flat(cfg) -> dict:
+        tree = OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)
+        out = {}
+
+        def walk(node, prefix):
+            for key, value in node.items():
+                if isinstance(value, dict):
+                    walk(value, f"{prefix}{key}.")
+                else:
+                    out[f"{prefix}{key}"] = value
+        walk(tree, "")
+        return out
+
+    before, after = flat(recorded), flat(typed)
+    return [f"{key}: {before.get(key)} -> {after.get(key)}" for key in sorted(set(before) | set(after))
+            if before.get(key) != after.get(key) and not key.startswith(MAY_CHANGE_ON_RESUME)]
 
 
 def load_run_config(run_dir: Path) -> TrainConfig:

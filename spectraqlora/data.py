@@ -152,6 +152,10 @@ def tokenize(data: DatasetDict, tokenizer, cfg: DatasetConfig, task: Task) -> Da
                             f"chat template ({'dataset.chat_template=false' if cfg.chat_template.lower() == 'false' else 'this one has none'}); "
                             f"use a chat model such as model=smollm2")
 
+        log.info("data: rows rendered %s (dataset.chat_template=%s)", "with the tokenizer's chat template, "
+                 "the assistant's turns learned" if chat else "as plain prompt and response text, the "
+                 "response learned", cfg.chat_template)
+
         def encode(row):
             if chat:
                 return _labeled_chat(tokenizer, _messages(row, cfg), cfg.max_length)

@@ -45,6 +45,10 @@ def export_run(run_dir: Path | None, out: Path | None = None, dtype: str | None 
         raise UserError(f"export.dtype={dtype}: expected one of {', '.join(DTYPES)} (or null: the model's)")
     if check_rows < 1:
         raise UserError(f"export.check_rows={check_rows}: expected a positive number of rows")
+    if adapter_only and (base != BASES[0] or dtype is not None):
+        given = " ".join(f"{k}={v}" for k, v in (("base", base), ("dtype", dtype)) if v not in (BASES[0], None))
+        raise UserError(f"adapter_only=true copies the adapter as trained, with no base to merge into: "
+                        f"{given} has nothing to act on; drop it")
     cfg = load_run_config(run_dir)
     out = Path(out) if out else run_dir / ("adapter_export" if adapter_only else "merged")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

@@ -95,7 +95,7 @@ def format_metrics(metrics: dict) -> str:
     return "  ".join(f"{k.removeprefix('eval_')}={v:.4f}" for k, v in metrics.items() if not k.endswith("_per_sec"))
 
 
-def format_summary(metrics: dict, run_dir: Path, adapter: Path, wall_s: float) -> str:
+def format_summary(metrics: dict, run_dir: Path, adapter: Path, wall_s: float, wandb: str | None = None) -> str:
     """The block a finished run ends with: where it is, what it reached, what it cost."""
     evals = "   ".join(f"{key.removeprefix('eval_')} " + (f"{metrics[key + '_before']:.4f} -> " if key + "_before" in metrics else "")
                        + f"{metrics[key]:.4f}" for key in metrics
@@ -106,5 +106,5 @@ def format_summary(metrics: dict, run_dir: Path, adapter: Path, wall_s: float) -
                         + (f" (evaluation {metrics['eval_tokens_per_sec']:,.0f} tokens/s)"
                            if "eval_tokens_per_sec" in metrics else ""),
             "wall time": f"{wall_s:.1f} s", "peak memory": f"{metrics['peak_mem_gb']:.2f} GB",
-            "adapter": adapter}
+            "adapter": adapter, **({"W&B": wandb} if wandb else {})}
     return "\n".join(f"  {name:<12} {value}" for name, value in rows.items())

@@ -35,6 +35,7 @@ class Plan:
     info: RunInfo = field(default_factory=RunInfo)  # W&B naming
     trial: Any = None  # the Optuna trial to report eval losses to (spectraqlora's sweeper)
     stop_on_signal: bool = False  # SIGINT/SIGTERM save a checkpoint and stop (single runs)
+    record: dict[str, str] | None = None  # the run's record (.hydra/ files), written when it starts afresh
     resume_from: Path | None = None
     finished: dict | None = None  # the metrics of a run that had finished already
     selection: Selection | None = None
@@ -88,6 +89,14 @@ def plan(job: Plan):
     job.run_dir.mkdir(parents=True, exist_ok=True)
     rundir.claim(job.run_dir)
     job.resume_from = rundir.resume_point(job.run_dir, job.cfg.trainer.resume)
+    continued = job.resume_from is not None or (job.run_dir / rundir.METRICS).exists()
+    if continued:
+        check_resumed_config(job)
+    elif job.record:
+        if job.cfg.trainer.resume:
+            log.info("trainer.resume=true, but %s holds no checkpoint: training starts from step 0 "
+                     "(a mistyped hydra.run.dir?)", job.run_dir)
+        rundir.write_record(job.run_dir, job.record)
     if (job.run_dir / rundir.METRICS).exists():
         log.info("%s has finished already: nothing to resume", job.run_dir)
         job.finished = rundir.read_json(job.run_dir / rundir.METRICS)
@@ -98,6 +107,22 @@ def plan(job: Plan):
     inputs = build.load_inputs(job.cfg)
     job.selection = choose(job.cfg, inputs.path, inputs.files, job.run_dir)
     return inputs
+
+
+def check_resumed_config(job: Plan) -> None:
+    """A resumed (or finished) run continues what its record says it trains: a typed config that
+    changes the model, the data or the schedule is refused, naming each key with both values."""
+    from omegaconf import OmegaConf
+
+    from spectraqlora.config import resume_differences, to_train_config
+
+    record = job.run_dir / rundir.RECORD / "config.yaml"
+    if not record.is_file():
+        return  # a run made outside Hydra (tests, scripts): nothing to check against
+    if differences := resume_differences(to_train_config(OmegaConf.load(record)), job.cfg):
+        raise UserError(f"{job.run_dir} was trained with another config than this command gives: "
+                        f"{'; '.join(differences)}; resume with the run's own values, or choose another "
+                        f"hydra.run.dir for a new run")
 
 
 def choose(cfg: TrainConfig, path: Path, files: list[Path], run_dir: Path) -> Selection:
@@ -158,7 +183,7 @@ def execute(job: Plan, launch: Launch, inputs=None) -> dict:
     if launch.is_main:
         rundir.finish(job.run_dir, cfg.trainer.keep_checkpoints)
         log.info("run finished\n%s", metrics.format_summary(result, job.run_dir, job.run_dir / rundir.ADAPTER,
-                                                            time.perf_counter() - began))
+                                                            time.perf_counter() - began, tel.location))
     return result
 
 

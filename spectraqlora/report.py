@@ -168,7 +168,7 @@ def plot(table: list[dict], keys: list[str], x: str, xlabel: str, path: Path) ->
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FormatStrFormatter
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
     metric = "eval_loss"
     with plt.style.context("default"):
@@ -182,10 +182,12 @@ def plot(table: list[dict], keys: list[str], x: str, xlabel: str, path: Path) ->
                 ax.annotate(label, (e[x], e[metric]), xytext=(4, 4), textcoords="offset points", fontsize=7)
         ax.set_yscale("log")
         ax.set_xscale("log" if x == "trainable_params" else "linear")
-        for axis in (ax.yaxis, ax.xaxis if x == "trainable_params" else None):
-            if axis is not None:  # plain numbers on log axes, not 9.3x10^0
-                axis.set_major_formatter(FormatStrFormatter("%.3g"))
-                axis.set_minor_formatter(FormatStrFormatter("%.3g"))
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%.3g"))  # plain numbers on log axes, not 9.3x10^0
+        ax.yaxis.set_minor_formatter(FormatStrFormatter("%.3g"))
+        if x == "trainable_params":  # labels at 1, 2 and 5 x 10^k only: the minor ones overlapped
+            ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            ax.xaxis.set_major_formatter(FormatStrFormatter("%.3g"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
         ax.tick_params(which="minor", labelsize=7)
         ax.set(xlabel=xlabel, ylabel=metric.replace("_", " "), title=f"{metric.replace('_', ' ')} vs {xlabel}")
         ax.grid(alpha=0.3, which="both")
@@ -220,7 +222,8 @@ def write_report(root: Path, comparisons: list[str] = ()) -> str:
         f"{len(rows)} finished runs ({unfinished} unfinished skipped); mean ± std over the runs "
         f"of each setting (seeds); bold: the lowest eval loss.", "", text, "",
         *(f"![metric vs {label}](report_metric_vs_{name}.png)" for _, label, name in plots), ""]))
-    return f"{len(rows)} finished runs, {unfinished} unfinished skipped\n{text}"
+    return (f"{len(rows)} finished runs, {unfinished} unfinished skipped; written: {root / REPORT}"
+            + "".join(f", report_metric_vs_{name}.png" for _, _, name in plots) + f"\n{text}")
 
 
 class ReportCallback(Callback):
@@ -234,6 +237,17 @@ class ReportCallback(Callback):
             log.info("%s", write_report(Path(config.hydra.sweep.dir), self.compare))
         except UserError as exc:
             log.warning("no report: %s", exc)
+
+
+class Pointer(Callback):
+    """Hydra callback (conf/train.yaml): a multirun's last line says how many runs finished
+    under its dir and how to table them."""
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        root = Path(config.hydra.sweep.dir)
+        done = len(list(root.rglob(rundir.METRICS)))
+        log.info("multirun ended: %d finished runs under %s; python -m spectraqlora.report %s tables them "
+                 "(mean and std per setting; --compare A:B pairs two settings by seed)", done, root, root)
 
 
 def main(argv: list[str] | None = None) -> None:

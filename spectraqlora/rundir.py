@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -18,10 +19,43 @@ METRICS = "metrics.json"  # written last: its presence means the run finished
 ADAPTER = "adapter"
 CHECKPOINTS = "checkpoints"  # Trainer checkpoints: adapter + optimizer, scheduler, RNG; no base
 LOCK = ".run.lock"  # flock'ed by the process that runs in the dir
+RECORD = ".hydra"  # the run's record (config.yaml, hydra.yaml, overrides.yaml), written by the run itself
 # What a run writes before it trains: a run refused by then holds nothing more.
 BEFORE_TRAINING = {".hydra", "train.log", LOCK, SNR, "snr_heatmap.png"}
 
 _held: dict[Path, int] = {}  # run dir -> fd of its lock, in this process
+log = logging.getLogger("spectraqlora.train")
+
+
+class RunLog(logging.FileHandler):
+    """The run's log file (Hydra's `file` handler, conf/train.yaml), opened only once the run has
+    claimed its dir: a command refused before that (the dir in use, a resume that does not
+    match) never appends to the log of the run it was refused. Records held until then go to
+    the file when it opens; the terminal has them either way."""
+
+    def __init__(self, filename, mode="a", encoding=None, delay=False, errors=None):
+        super().__init__(filename, mode, encoding, delay=True, errors=errors)
+        self.held: list[logging.LogRecord] | None = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.held is None:
+            super().emit(record)
+        else:
+            self.held.append(record)
+
+    def open_for(self, run_dir: Path) -> None:
+        if self.held is not None and Path(self.baseFilename).resolve().parent == run_dir:
+            held, self.held = self.held, None
+            for record in held:
+                super().emit(record)
+
+
+def write_record(run_dir: Path, files: dict[str, str]) -> None:
+    """The run's record, written by the run once it has claimed its dir and starts from step 0
+    (never by a refused or resumed command: Hydra's own copy is off, hydra.output_subdir=null)."""
+    (Path(run_dir) / RECORD).mkdir(exist_ok=True)
+    for name, text in files.items():
+        write_text(Path(run_dir) / RECORD / name, text)
 
 
 def write_text(path: Path, text: str) -> None:
@@ -79,8 +113,9 @@ def finished_run(run_dir: Path | None, command: str) -> Path:
     return run_dir
 
 
-def last_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete Trainer checkpoint (its trainer_state.json, written last, parses)."""
+def last_checkpoint(run_dir: Path, cut: list[Path] | None = None) -> Path | None:
+    """The newest complete Trainer checkpoint (its trainer_state.json, written last, parses);
+    the newer ones that are not (killed while saving) are added to `cut`."""
     found = []
     for path in (Path(run_dir) / CHECKPOINTS).glob("checkpoint-*"):
         if match := re.fullmatch(r"checkpoint-(\d+)", path.name):
@@ -89,7 +124,9 @@ def last_checkpoint(run_dir: Path) -> Path | None:
         try:
             read_json(path / "trainer_state.json")
         except (OSError, ValueError):
-            continue  # killed while saving this one
+            if cut is not None:
+                cut.append(path)
+            continue
         return path
     return None
 
@@ -97,7 +134,12 @@ def last_checkpoint(run_dir: Path) -> Path | None:
 def resume_point(run_dir: Path, resume: bool) -> Path | None:
     """Where training continues from; refuses to start over a run dir that holds earlier work."""
     run_dir = Path(run_dir)
-    last = last_checkpoint(run_dir)
+    cut: list[Path] = []
+    last = last_checkpoint(run_dir, cut)
+    if resume and cut:
+        log.info("%s %s incomplete (killed while saving): training %s", ", ".join(p.name for p in cut),
+                 "is" if len(cut) == 1 else "are", f"continues from {last.name}" if last else
+                 "starts over from step 0 (no complete checkpoint is left)")
     if not resume and (last or (run_dir / METRICS).exists()):
         held = "a finished run" if (run_dir / METRICS).exists() else f"checkpoints ({last.name})"
         raise UserError(f"{run_dir} already holds {held}: add trainer.resume=true to continue it, "
@@ -125,6 +167,9 @@ def claim(run_dir: Path) -> None:
     os.ftruncate(fd, 0)
     os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
     _held[run_dir] = fd
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, RunLog):
+            handler.open_for(run_dir)
 
 
 def release(run_dir: Path) -> None:

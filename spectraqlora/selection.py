@@ -36,14 +36,33 @@ class Selection:
         return hashlib.sha256("\n".join(self.chosen).encode()).hexdigest()[:12]
 
     def describe(self) -> str:
-        """The chosen modules as a table: name, type, SNR."""
-        width = max((len(n) for n in self.chosen), default=6)
-        lines = [f"  {'module':<{width}}  {'type':<24} {'snr':>8}"]
+        """The chosen modules, a line per type: how many of the type's, their layers in order and
+        their SNR range (every module with its SNR: selection.json)."""
+        chosen = defaultdict(list)
         for name in self.chosen:
-            snr = self.table[name]["snr"]
-            lines.append(f"  {name:<{width}}  {self.table[name]['type']:<24} "
-                         f"{'-' if snr is None else f'{snr:.4f}':>8}")
+            chosen[self.table[name]["type"]].append(name)
+        totals = Counter(row["type"] for row in self.table.values())
+        width = max((len(t) for t in chosen), default=4)
+        lines = []
+        for kind in sorted(chosen):
+            names = chosen[kind]
+            layers = sorted(self.table[n]["layer"] for n in names if self.table[n].get("layer") is not None)
+            where = f"layers {layer_ranges(layers)}" if len(layers) == len(names) else ", ".join(names)
+            snrs = [self.table[n]["snr"] for n in names if self.table[n]["snr"] is not None]
+            snr = f"  (snr {min(snrs):.3g}-{max(snrs):.3g})" if snrs else ""
+            lines.append(f"  {kind:<{width}}  {len(names):>3} of {totals[kind]:<3} {where}{snr}")
         return "\n".join(lines)
+
+
+def layer_ranges(layers: list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> '0-2, 5, 7-8'."""
+    runs: list[list[int]] = []
+    for layer in layers:
+        if runs and layer == runs[-1][-1] + 1:
+            runs[-1].append(layer)
+        else:
+            runs.append([layer])
+    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
 
 
 def restrict_types(table: dict[str, dict], module_types: list[str] | None) -> dict[str, dict]:
@@ -95,6 +114,9 @@ def by_kappa(table: dict[str, dict], names: list[str]) -> list[str]:
 def kappa(table: dict[str, dict], top_frac: float, num_modules: int | None = None) -> list[str]:
     """KappaTune as peft.helpers.KappaTuneSelector.get_best_targets ranks: one ranking across
     every candidate, the num_modules best, or max(1, int(count x top_frac))."""
+    if num_modules is not None and num_modules > len(table):
+        raise UserError(f"selection.num_modules={num_modules}, but the model has {len(table)} candidate "
+                        f"modules: give at most {len(table)} (or top_frac)")
     k = num_modules if num_modules is not None else max(1, int(len(table) * top_frac))
     return by_kappa(table, list(table))[:k]
 

@@ -99,6 +99,7 @@ class Telemetry:
     def __init__(self, run_dir: Path | None, wandb_run=None):
         self.path = None if run_dir is None else Path(run_dir) / JSONL
         self.wandb = wandb_run
+        self.location = wandb_location(wandb_run)  # where the W&B run is, for the run's summary
 
     def log(self, metrics: dict, step: int) -> None:
         if self.path is not None:
@@ -148,6 +149,8 @@ def session(cfg: TrainConfig, run_dir: Path, info: RunInfo, main: bool = True):
         yield Telemetry(None)
         return
     telemetry = Telemetry(run_dir, start_wandb(cfg, run_dir, info) if cfg.logger.name is Logger.wandb else None)
+    if telemetry.location:
+        log.info("W&B: %s", telemetry.location)
     failed = True
     try:
         yield telemetry
@@ -191,8 +194,18 @@ def wandb_mode() -> str | None:
     netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
     if os.environ.get("WANDB_API_KEY") or (netrc.is_file() and "api.wandb.ai" in netrc.read_text()):
         return None
-    log.info("W&B: no API key, logging offline in the run dir (upload later: wandb sync <dir>)")
+    log.info("W&B: no API key, logging offline in the run dir")
     return "offline"
+
+
+def wandb_location(run) -> str | None:
+    """The W&B run's URL, or for an offline run its dir and the command that uploads it."""
+    if run is None:
+        return None
+    if url := getattr(run, "url", None):
+        return url
+    offline = Path(run.dir).parent  # <run dir>/wandb/offline-run-<time>-<id>
+    return f"offline run in {offline}; upload later: wandb sync {offline}"
 
 
 def _wandb_id(run_dir: Path) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from spectraqlora import recipe, rundir
 from spectraqlora.config import CONF_DIR, to_train_config
@@ -108,12 +108,17 @@ def job(cfg: DictConfig, hydra_cfg, run_dir: Path, single: bool) -> recipe.Plan:
     name; in a sweep, the study or sweep dir as group); in a sweep by spectraqlora's sweeper,
     the Optuna trial to report to; signals stop single runs with a checkpoint."""
     name = ",".join(o for o in hydra_cfg.overrides.task if not o.startswith("hydra.")) or "default"
+    if hydra_cfg.runtime.choices.get("hparams_search") and hydra_cfg.mode is not RunMode.MULTIRUN:
+        raise UserError(f"hparams_search={hydra_cfg.runtime.choices['hparams_search']} configures a sweep, "
+                        f"which runs with -m: python -m spectraqlora.train -m {shlex.join(hydra_cfg.overrides.task)}")
     train_cfg = to_train_config(cfg)
     say_model_preset(hydra_cfg, train_cfg)
+    record = {"config.yaml": OmegaConf.to_yaml(cfg), "hydra.yaml": OmegaConf.to_yaml(OmegaConf.create({"hydra": hydra_cfg})),
+              "overrides.yaml": OmegaConf.to_yaml(hydra_cfg.overrides.task)}  # as Hydra writes .hydra/
     if hydra_cfg.mode is not RunMode.MULTIRUN:
-        return recipe.Plan(train_cfg, run_dir, RunInfo(name=name), stop_on_signal=single)
+        return recipe.Plan(train_cfg, run_dir, RunInfo(name=name), stop_on_signal=single, record=record)
     info = RunInfo(name=name, group=study_name(hydra_cfg.sweeper, hydra_cfg.sweep.dir), job_type="sweep-trial")
-    return recipe.Plan(train_cfg, run_dir, info, trial=current_trial(hydra_cfg))
+    return recipe.Plan(train_cfg, run_dir, info, trial=current_trial(hydra_cfg), record=record)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,8 @@ def pieces(tokenizer, *parts: tuple[str, int]) -> tuple[list[int], list[int]]:
 
 
 @pytest.mark.slow
-def test_only_assistant_turns_are_learned_token_for_token(tokenizer):
+def test_only_assistant_turns_are_learned_token_for_token(tokenizer, caplog):
+    caplog.set_level("INFO")
     ids, kinds = pieces(
         tokenizer,
         (SYSTEM + "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n", PROMPT),
@@ -55,6 +56,8 @@ def test_only_assistant_turns_are_learned_token_for_token(tokenizer):
     assert row["labels"] == [IGNORE_INDEX if k == PROMPT else t for t, k in zip(ids, kinds)]
     assert tokenizer.decode([t for t in row["labels"] if t != IGNORE_INDEX]) == \
         "Hello! How are you?<|im_end|>\nFine, thanks.<|im_end|>\n"
+    assert ("data: rows rendered with the tokenizer's chat template, the assistant's turns learned "
+            "(dataset.chat_template=auto)") in caplog.text  # the log says how rows become tokens
 
 
 def test_truncation_cuts_the_rendered_conversation(tokenizer):

@@ -3,6 +3,7 @@ import json
 import re
 
 import pytest
+import yaml
 
 from conftest import run_cli
 from spectraqlora.evaluate import evaluate_run
@@ -103,6 +104,9 @@ def test_evaluate_help_names_only_its_own_keys(tmp_path):
     (["selection.top_frac=abc"], "could not be converted to Float"),
     (["selection.topfrac=0.3"], "topfrac"),
     (["quant=nf5"], "Could not find 'quant/nf5'"),
+    (["hparams_search=snr_rank", "lora.r=8"],  # ran one plain training job and exited 0
+     "error: hparams_search=snr_rank configures a sweep, which runs with -m: python -m spectraqlora.train -m "
+     "hparams_search=snr_rank lora.r=8"),
 ])
 def test_bad_input_gets_one_clear_line_and_no_finished_run(tmp_path, overrides, message):
     run_dir = tmp_path / "run"
@@ -111,3 +115,39 @@ def test_bad_input_gets_one_clear_line_and_no_finished_run(tmp_path, overrides, 
     assert message in result.stderr
     assert "Traceback" not in result.stderr
     assert not (run_dir / "metrics.json").exists()
+
+
+def checksums(run_dir) -> dict:
+    """Every file of a run dir and its content hash (the lock file, which names its last holder, aside)."""
+    import hashlib
+
+    return {str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(run_dir.rglob("*")) if p.is_file() and p.name != ".run.lock"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra, message", [
+    (["trainer.resume=true", "lora.r=32", "selection=random"],  # said "nothing to resume", recorded r=32
+     "was trained with another config than this command gives: lora.r: 8 -> 32; selection.strategy: spectrum -> random; "),
+    ([], "already holds a finished run: add trainer.resume=true to continue it"),
+])
+def test_a_refused_command_leaves_the_run_it_names_as_it_was(smoke_run, tmp_path, extra, message):
+    run_dir, _ = smoke_run
+    before = checksums(run_dir)
+    result = run_cli("train", "model=tiny_llama", "selection.top_frac=0.25", "trainer=smoke", f"hydra.run.dir={run_dir}",
+                     *extra, cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert message in result.stderr.strip().splitlines()[-1]
+    assert checksums(run_dir) == before  # its record, log and results untouched
+    recorded = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text())
+    assert "lora.r=32" not in recorded and "logger=wandb" in recorded
+
+
+@pytest.mark.slow
+def test_resume_in_a_dir_with_nothing_to_resume_says_it_starts_over(tmp_path):
+    run_dir = tmp_path / "typo"
+    result = run_cli("train", "model=tiny_llama", "trainer=smoke", "trainer.resume=true", "selection=layers",
+                     "selection.layers=[99]", f"hydra.run.dir={run_dir}", cwd=tmp_path)  # refused after planning
+    assert result.returncode == 2
+    assert f"trainer.resume=true, but {run_dir} holds no checkpoint: training starts from step 0" in result.stdout
+    assert not run_dir.exists()

@@ -52,6 +52,13 @@ def test_every_model_config_validates_and_takes_a_local_path(name):
     ("lora.dropout=1.0", "lora.dropout"),
     ("trainer.per_device_train_batch_size=-1", "trainer.per_device_train_batch_size"),
     ("trainer.max_steps=-5", "trainer.max_steps"),
+    # keys passed on to numpy, torch or transformers, checked as they would take them
+    ("seed=-1", "seed"),
+    ("seed=99999999999", "seed"),
+    ("trainer.lr_scheduler_type=cosine_warmup", "trainer.lr_scheduler_type"),
+    ("scan.device=tpu", "scan.device"),
+    ("trainer.dataloader_num_workers=-1", "trainer.dataloader_num_workers"),
+    ("trainer.max_grad_norm=-1", "trainer.max_grad_norm"),  # transformers turns clipping off silently
 ])
 def test_out_of_range_values_name_the_key(override, key):
     with pytest.raises(UserError, match=rf"^{key}=.* is out of range: expected "):
@@ -134,3 +141,19 @@ def test_keys_the_run_would_ignore_are_refused(overrides, message):
     """Each of these once trained something else and exited 0."""
     with pytest.raises(UserError, match=re.escape(message)):
         to_train_config(compose(*overrides))
+
+
+def test_the_scheduler_names_are_transformers_own():
+    from transformers.trainer_utils import SchedulerType
+
+    from spectraqlora.config import SCHEDULERS
+
+    assert set(SCHEDULERS) == {s.value for s in SchedulerType}
+    for ok in ("scan.device=cuda:1", "trainer.max_grad_norm=0", "seed=0", "trainer.lr_scheduler_type=cosine"):
+        to_train_config(compose(ok))
+
+
+def test_a_required_key_left_unset_is_asked_for_not_defaulted():
+    """dataset=file without dataset.path trained on the synthetic default (merging ??? keeps it)."""
+    with pytest.raises(UserError, match=r"^which path\? give dataset.path=\.\.\. \(synthetic \(generated here\), a local file path"):
+        to_train_config(compose("dataset=file"))

@@ -116,6 +116,9 @@ def test_bad_exports_are_one_line_and_leave_nothing(smoke_run, tmp_path):
         export_run(run_dir, taken)
     with pytest.raises(UserError, match="export.base=fused: expected one of dequantized, original"):
         export_run(run_dir, tmp_path / "a", base="fused")
+    with pytest.raises(UserError, match=r"adapter_only=true copies the adapter as trained, with no base to merge "
+                                        r"into: base=original dtype=bfloat16 has nothing to act on; drop it"):
+        export_run(run_dir, tmp_path / "a", base="original", dtype="bfloat16", adapter_only=True)
     moved = tmp_path / "moved"
     import shutil
 

@@ -315,3 +315,18 @@ def test_a_decoder_lm_as_a_classifier_trains_its_new_score_head_whole_and_unquan
     assert any(k.endswith("score.weight") for k in saved), saved  # the head is in the adapter
     assert modeling.heads(config("model.task=classification").model) == modeling.NEW_HEADS
     assert "score" in modeling.bnb_config(config().quant, config("model.task=classification").model).llm_int8_skip_modules
+
+
+def test_resuming_past_a_checkpoint_cut_while_saving_says_so(tmp_path, caplog):
+    caplog.set_level("INFO")
+    cut = tmp_path / "checkpoints" / "checkpoint-10"
+    cut.mkdir(parents=True)
+    (cut / "trainer_state.json").write_text('{"global_st')  # the run was killed mid-write
+    assert rundir.resume_point(tmp_path, resume=True) is None
+    assert "checkpoint-10 is incomplete (killed while saving): training starts over from step 0" in caplog.text
+    whole = tmp_path / "checkpoints" / "checkpoint-5"
+    whole.mkdir()
+    (whole / "trainer_state.json").write_text("{}")
+    caplog.clear()
+    assert rundir.resume_point(tmp_path, resume=True) == whole
+    assert "checkpoint-10 is incomplete (killed while saving): training continues from checkpoint-5" in caplog.text

@@ -33,6 +33,10 @@ def test_kappa_ranks_lowest_condition_number_globally_or_per_type():
     assert pick(rows, strategy=Strategy.kappa, top_frac=0.01) == ["layers.0.q"]  # max(1, ...) as peft
     assert pick(rows, strategy=Strategy.kappa_per_type, top_frac=0.25) == [
         "layers.0.q", "layers.1.q", "layers.6.v", "layers.7.v"]
+    assert len(pick(rows, strategy=Strategy.kappa, num_modules=16)) == 16
+    with pytest.raises(UserError, match=r"^selection.num_modules=1000, but the model has 16 candidate modules: "
+                                        r"give at most 16"):  # was clamped to 16 without a word
+        pick(rows, strategy=Strategy.kappa, num_modules=1000)
 
 
 def test_min_layer_restricts_every_strategy_to_the_upper_layers():
@@ -131,3 +135,14 @@ def test_snr_ranks_grow_with_snr_and_keep_parameters_near_uniform():
 def test_snr_ranks_of_a_lone_module_stay_at_r():
     rows = table(layers=1, types=("q",))
     assert snr_ranks(rows, list(rows), r=16, r_min=2, r_max=64) == {"layers.0.q": 16}
+
+
+def test_the_selection_is_described_a_line_per_type_with_its_layers_in_order():
+    from spectraqlora.selection import Selection, layer_ranges
+
+    rows = table(layers=12)
+    chosen = [f"layers.{i}.v" for i in (10, 2, 0, 1, 11, 5)] + ["layers.3.q"]
+    assert layer_ranges([0, 1, 2, 5, 10, 11]) == "0-2, 5, 10-11"
+    assert Selection(rows, chosen).describe().splitlines() == [
+        "  q    1 of 12  layers 3  (snr 4-4)",
+        "  v    6 of 12  layers 0-2, 5, 10-11  (snr 10-120)"]  # not layers.10 before layers.2

@@ -48,6 +48,8 @@ def test_snr_rank_sweep_scans_once_writes_results_and_resumes(tmp_path):
         assert len(list(csv.DictReader(f))) == 3
     for name in ("multirun.yaml", "optimization_history.png", "param_importances.png"):
         assert (sweep_dir / name).is_file(), name
+    assert (f"multirun ended: 3 finished runs under {sweep_dir}; python -m spectraqlora.report {sweep_dir} "
+            f"tables them") in result.stdout
 
     # a trial left RUNNING by a sweep that was killed (its process is gone)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
@@ -226,3 +228,16 @@ def test_optunas_plot_style_does_not_leak_into_later_figures(tmp_path):
     assert [p.name for p in written] == ["optimization_history.png", "param_importances.png"]
     changed = {k for k, v in plt.rcParams.items() if str(before.get(k)) != str(v)}
     assert not changed & {"axes.facecolor", "axes.grid", "axes.edgecolor", "grid.color"}, changed
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("param, message", [
+    ("selection.top_frac=interval(2,3)", "the search space of selection.top_frac reaches selection.top_frac=2.0: "
+                                         "selection.top_frac=2.0 is out of range: expected "),
+    ("lora.r=choice(8,0,-4)", "the search space of lora.r reaches lora.r=0: lora.r=0 is out of range: expected "),
+])
+def test_a_search_space_outside_the_schema_is_one_line_before_trial_0(tmp_path, param, message):
+    result, sweep_dir = sweep(tmp_path, "hparams_search=snr_rank", param)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: {message}")
+    assert not (sweep_dir / "0").exists()

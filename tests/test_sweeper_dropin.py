@@ -167,7 +167,7 @@ def test_removed_and_uninstalled_samplers_are_one_line():
 
     from spectraqlora.errors import UserError
 
-    with pytest.raises(UserError, match=r"^hydra/sweeper/sampler=motpe: MOTPESampler was removed from Optuna"):
+    with pytest.raises(UserError, match=r"^hydra/sweeper/sampler=motpe: the 'motpe' sampler was removed in Optuna 4.0 "):
         sampler_of("hydra/sweeper/sampler=motpe")
     if importlib.util.find_spec("cmaes") is None:
         with pytest.raises(UserError, match=r'CmaEsSampler needs the cmaes package: pip install "spectraqlora\[cmaes\]"'):
@@ -191,3 +191,79 @@ def test_launch_jobs_in_process_through_hydras_sweep_runner(hydra_sweep_runner):
         study = optuna.load_study(study_name="launch", storage=f"sqlite:///{sweep.temp_dir}/optuna.db")
         assert [(t.number, t.state.name) for t in study.trials] == [(n, "COMPLETE") for n in range(8)]
         assert (Path(sweep.temp_dir) / "7" / ".hydra").is_dir()  # batches of 3, 3 and 2 launched
+
+
+@pytest.mark.slow
+def test_a_reversed_interval_is_one_line_before_any_trial(tmp_path):
+    result = subprocess.run([sys.executable, str(APP), "-m", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+                             "x=interval(0.5,0.1)"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: x=interval(0.5,0.1): `low <= high` must hold, but got (low=0.5, high=0.1).")
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_a_sweep_is_one_line_with_the_command_that_resumes_it(tmp_path):
+    import signal
+
+    gate = Gate(tmp_path / "gate")
+    sweep_dir = tmp_path / "sweep"
+    proc = subprocess.Popen([sys.executable, str(APP), "-m", f"hydra.sweep.dir={sweep_dir}", "hydra.sweeper.n_trials=2",
+                             f"gate={gate.path}"], cwd=tmp_path, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not gate.started() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("error: sweep stopped by SIGINT: its finished trials are kept, the ones it interrupted "
+                           "do not count towards n_trials; resume with: ")
+    command = line.split("resume with: ")[1].split()
+    assert command[-1] == f"hydra.sweep.dir={sweep_dir}" and "hydra.sweeper.n_trials=2" in command
+    (trial,) = trials(sweep_dir)
+    assert trial.state.name == "FAIL" and trial.user_attrs["worker_lost"]
+    gate.release(1)  # the resumed sweep's trials: the interrupted one is not counted
+    gate.release(2)
+    resumed = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert sorted(t.state.name for t in trials(sweep_dir)) == ["COMPLETE", "COMPLETE", "FAIL"]
+
+
+@pytest.mark.slow
+def test_a_second_search_on_a_study_is_refused_and_a_complete_one_says_so(tmp_path):
+    """Two sweeps on one storage and study name: the second reported the first's best as its own."""
+    result, sweep_dir, first = sweep(tmp_path, "hydra.sweeper.n_trials=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    kept = {p.name: p.read_bytes() for p in sweep_dir.iterdir() if p.is_file()}
+    refused = subprocess.run([sys.executable, str(APP), "-m", f"hydra.sweep.dir={sweep_dir}", "hydra.sweeper.n_trials=2",
+                              "sleep=0.01", "x=interval(0.0,2.0)"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert refused.stderr.strip().splitlines()[-1] == (
+        f"error: study gated in sqlite:///{sweep_dir.resolve() / 'optuna.db'} searches something else (overrides "
+        f"this command has sleep=0.01, search space differs in x): give this search its own "
+        f"hydra.sweeper.study_name (or sweep dir), or drop the differing overrides")
+    assert {p.name: p.read_bytes() for p in sweep_dir.iterdir() if p.is_file()} == kept  # nothing rewritten
+    again, _, results = sweep(tmp_path, "hydra.sweeper.n_trials=2")
+    assert again.returncode == 0 and results["best_value"] == first["best_value"]
+    assert "study gated already has its hydra.sweeper.n_trials=2 trials: nothing new runs" in again.stdout
+    assert len(trials(sweep_dir)) == 2
+
+
+@pytest.mark.slow
+def test_the_peers_custom_search_space_example_loads_from_a_hyphenated_app_module(tmp_path):
+    """hydra-optuna-sweeper's example/custom-search-space-objective.py names its function
+    `custom-search-space-objective.configure`: a module name with hyphens, imported from the
+    app's own directory as Hydra's get_method does for the peer."""
+    import shutil
+
+    app = tmp_path / "app" / "custom-search-space-objective.py"
+    app.parent.mkdir()
+    shutil.copy(APP, app)
+    shutil.copy(APP.with_suffix(".yaml"), app.parent / "gated.yaml")
+    result = subprocess.run([sys.executable, str(app), "-m", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+                             "hydra.sweeper.custom_search_space=custom-search-space-objective.configure",
+                             "hydra.sweeper.n_trials=2"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert all(set(t.params) == {"x", "y"} for t in trials(tmp_path / "sweep"))

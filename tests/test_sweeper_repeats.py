@@ -95,18 +95,24 @@ def test_a_best_within_the_noise_of_its_runner_up_is_said_so(tmp_path):
 
 @pytest.mark.slow
 def test_the_wilcoxon_pruner_stops_a_worse_trial_before_its_last_repeat(tmp_path):
-    args = ["hydra.sweeper.params=null", "hydra.sweeper.repeats=3", "hydra/sweeper/pruner=wilcoxon",
-            "hydra.sweeper.pruner.p_threshold=0.3"]
-    first = sweep(tmp_path, *args, "x=3", "hydra.sweeper.n_trials=1")
-    assert first.returncode == 0, first.stderr[-3000:]
-    second = sweep(tmp_path, *args, "x=0", "hydra.sweeper.n_trials=2")  # the same study, resumed
-    assert second.returncode == 0, second.stderr[-3000:]
-    best, worse = study(tmp_path).trials
-    assert (best.state.name, worse.state.name) == ("COMPLETE", "PRUNED")
-    assert worse.user_attrs["repeat_values"] == [[objective(0, 1)], [objective(0, 2)]]  # seed 3 never ran
-    assert worse.intermediate_values == {0: objective(0, 1), 1: objective(0, 2)}
-    assert not (tmp_path / "sweep" / "1" / "seed_3").exists()
-    assert "trial 1 pruned after 2 of 3 repeats" in second.stdout
+    """x=3 is the best; the sampler's seed puts it before another setting, which is pruned after
+    2 of its 3 repeats (both worse than x=3's on the same seeds)."""
+    result = sweep(tmp_path, "hydra/sweeper/sampler=grid", "hydra.sweeper.sampler.seed=1", "x=choice(0,3,5)",
+                   "hydra.sweeper.n_trials=3", "hydra.sweeper.repeats=3", "hydra/sweeper/pruner=wilcoxon",
+                   "hydra.sweeper.pruner.p_threshold=0.3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    trials = study(tmp_path).trials
+    best = next(t for t in trials if t.params["x"] == 3)
+    assert best.state.name == "COMPLETE"
+    later = [t for t in trials if t.number > best.number]
+    assert later  # the seed's order: x=3 is not last
+    for worse in later:
+        x = worse.params["x"]
+        assert worse.state.name == "PRUNED"
+        assert worse.user_attrs["repeat_values"] == [[objective(x, 1)], [objective(x, 2)]]  # seed 3 never ran
+        assert worse.intermediate_values == {0: objective(x, 1), 1: objective(x, 2)}
+        assert not (tmp_path / "sweep" / str(worse.number) / "seed_3").exists()
+        assert f"trial {worse.number} pruned after 2 of 3 repeats" in result.stdout
 
 
 @pytest.mark.slow
@@ -219,3 +225,15 @@ def test_the_first_repeat_reports_to_its_trial_and_the_others_to_none(tmp_path):
     assert job(1).number == 1  # one run per trial: the job number
     assert job(0, "hydra.sweeper.report_to=2").number == 2
     assert job(2, "hydra.sweeper.report_to=null") is None
+
+
+@pytest.mark.slow
+def test_a_remote_launcher_gets_every_repeat_of_a_batch_in_one_launch(tmp_path):
+    """submitit's local executor stands in for SLURM: one job array of n_jobs x repeats jobs."""
+    result = sweep(tmp_path, "hydra/launcher=submitit_local", "hydra/sweeper/sampler=grid", "x=choice(1,3)",
+                   "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2", "hydra.sweeper.repeats=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("Submitit 'local' sweep output dir") == 1  # one launch of 4 jobs
+    assert sorted(p.name for p in (tmp_path / "sweep").glob("*/seed_*")) == ["seed_1", "seed_1", "seed_2", "seed_2"]
+    for t in study(tmp_path).trials:
+        assert t.value == pytest.approx(statistics.mean(objective(t.params["x"], s) for s in (1, 2)), abs=1e-12)

@@ -33,12 +33,15 @@ def test_metrics_jsonl_has_every_key_with_sane_values(smoke_run):
 
 
 def test_offline_smoke_run_holds_the_same_keys(smoke_run):
-    run_dir, _ = smoke_run
+    run_dir, result = smoke_run
     (record,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
     raw = record.read_bytes()
     for key in KEYS + ["selection", "snr_heatmap"]:
         assert key.encode() in raw, key
     assert (run_dir / "wandb_id").read_text() in record.name
+    where = f"offline run in {record.parent}; upload later: wandb sync {record.parent}"
+    assert f"W&B: {where}" in result.stdout  # the dir itself, not a placeholder
+    assert f"  W&B          {where}" in result.stdout.split("run finished\n")[1]  # and in the run's summary
 
 
 def test_secrets_in_the_environment_never_reach_run_files(smoke_run):

@@ -16,6 +16,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shlex
+import signal
 import socket
 import time
 from pathlib import Path
@@ -31,10 +33,11 @@ from hydra_plugins.spectraqlora_optuna_sweeper._confirm import CONFIRMATION, SET
 from hydra_plugins.spectraqlora_optuna_sweeper.lifecycle import LOST, Heartbeat, dead_trials, failure_stop, lost
 from hydra_plugins.spectraqlora_optuna_sweeper.results import (RESULTS, objective_names, plot_study, shown_url,
                                                               write_results)
-from hydra_plugins.spectraqlora_optuna_sweeper.space import make_sampler, search_space, suggest
-from hydra_plugins.spectraqlora_optuna_sweeper.workers import WORKER_ENV, spawn_workers
+from hydra_plugins.spectraqlora_optuna_sweeper.space import (SEARCH, check_bounds, is_training_app, make_sampler,
+                                                             record_difference, search_record, search_space, suggest)
+from hydra_plugins.spectraqlora_optuna_sweeper.workers import WORKER_ENV, app_command, spawn_workers
 from spectraqlora import rundir
-from spectraqlora.errors import UserError, exit_on_user_error
+from spectraqlora.errors import Interrupted, UserError, exit_on_user_error
 from spectraqlora.sweep import (log_sweep_summary, make_pruner, make_storage, storage_url, study_lock,
                                 study_name)
 
@@ -73,7 +76,7 @@ class SweeperImpl:
                                 report_to=report_to)
 
     def setup(self, *, hydra_context, task_function, config: DictConfig) -> None:
-        self.config, self.task_function = config, task_function
+        self.config, self.task_function, self.config_loader = config, task_function, hydra_context.config_loader
         self.launcher = Plugins.instance().instantiate_launcher(
             hydra_context=hydra_context, task_function=task_function, config=config)
         self.sweep_dir = Path(config.hydra.sweep.dir)
@@ -83,7 +86,18 @@ class SweeperImpl:
 
     def sweep(self, arguments: list[str]) -> None:
         with exit_on_user_error():
-            self._sweep(arguments)
+            try:
+                self._sweep(arguments)
+            except KeyboardInterrupt:
+                raise Interrupted(f"sweep stopped by SIGINT: its finished trials are kept, the ones it "
+                                  f"interrupted do not count towards n_trials; resume with: "
+                                  f"{self._resume_command()}", signal.SIGINT) from None
+
+    def _resume_command(self) -> str:
+        hydra = self.config.hydra
+        own = [o for o in hydra.overrides.hydra if not o.startswith(("hydra.sweep.dir=", "hydra.mode="))]
+        return shlex.join([*app_command(self.task_function), "-m", *own, *hydra.overrides.task,
+                           f"hydra.sweep.dir={self.sweep_dir}"])
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -92,6 +106,8 @@ class SweeperImpl:
         self.sweep_dir.mkdir(parents=True, exist_ok=True)
         fixed, space = search_space(self.params, arguments)
         rep.check_key(self.repeats, fixed, space)
+        if is_training_app(self.task_function):
+            check_bounds(self.config_loader, self.config, fixed, space)
         if not space:
             log.info("no search space (hydra.sweeper.params): n_trials=%d runs of the fixed config", self.n_trials)
         self.extend_space = None
@@ -105,19 +121,21 @@ class SweeperImpl:
         shown = OmegaConf.to_container(self.config)  # interpolations stay as written
         if self.storage and "${" not in str(shown["hydra"]["sweeper"]["storage"]):
             shown["hydra"]["sweeper"]["storage"] = shown_url(self.url)  # no password on disk
-        rundir.write_text(self.sweep_dir / "multirun.yaml", OmegaConf.to_yaml(shown))
         self.storage_obj = make_storage(self.url)
         with self._lock():  # the first workers of a new study all want to create it
             study = optuna.create_study(study_name=self.study_name, storage=self.storage_obj,
                                         pruner=make_pruner(self.pruner_cfg),
                                         directions=self.directions, load_if_exists=True)
-        if study.directions != [optuna.study.StudyDirection[d.upper()] for d in self.directions]:
-            raise UserError(f"study {self.study_name} in {shown_url(self.url)} has directions "
-                            f"{[d.name.lower() for d in study.directions]}, not {self.directions}")
+            self._check_joined(study, search_record(fixed, space, self.repeats))
         make_sampler(self.sampler_cfg, space, 0)  # a bad sampler config fails before any trial
-        done = len(study.trials)
+        rundir.write_text(self.sweep_dir / "multirun.yaml", OmegaConf.to_yaml(shown))
+        done = sum(not lost(t) for t in study.trials)
         log.info("study %s in %s: %d trials so far, %d to go", self.study_name, shown_url(self.url),
                  done, max(0, self.n_trials - done))
+        if done >= self.n_trials:
+            log.warning("study %s already has its hydra.sweeper.n_trials=%d trials: nothing new runs, and "
+                        "the results below are those of its earlier trials (raise n_trials to run more)",
+                        self.study_name, self.n_trials)
         workers = spawn_workers(self.workers, self.task_function, self.config.hydra, self.url,
                                 self.study_name, self.sweep_dir)
         try:
@@ -168,6 +186,22 @@ class SweeperImpl:
         results = self.confirm.write(confirm, self.sweep_dir)
         log.info("%s:\n%s", self.sweep_dir / CONFIRMATION, (self.sweep_dir / CONFIRMATION).read_text())
         log.info(summary(results))
+
+    def _check_joined(self, study: optuna.Study, record: dict) -> None:
+        """A study searches one thing: joining one made for other directions, fixed overrides,
+        search space or repeats is refused (call under the study lock); a new study records it."""
+        where = f"study {self.study_name} in {shown_url(self.url)}"
+        if study.directions != [optuna.study.StudyDirection[d.upper()] for d in self.directions]:
+            raise UserError(f"{where} has directions {[d.name.lower() for d in study.directions]}, "
+                            f"not {self.directions}")
+        known = study.user_attrs.get(SEARCH)
+        if known is None:
+            if not study.trials:  # (a study from before records were kept is joined as it is)
+                study.set_user_attr(SEARCH, record)
+            return
+        if differs := record_difference(known, record):
+            raise UserError(f"{where} searches something else ({differs}): give this search its own "
+                            f"hydra.sweeper.study_name (or sweep dir), or drop the differing overrides")
 
     def _lock(self):
         return study_lock(self.url, self.study_name)

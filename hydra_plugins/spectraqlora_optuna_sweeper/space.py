@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -33,6 +34,35 @@ def search_space(params: dict, arguments: list[str]) -> tuple[list[str], dict]:
     return fixed, space
 
 
+SEARCH = "search"  # study user attr: what the study searches (search_record)
+
+
+def search_record(fixed: list[str], space: dict, repeats) -> dict:
+    """What a study searches, as its first sweep gave it: the fixed overrides, the space and the
+    repeats (a trial's value means something else with other ones)."""
+    from optuna.distributions import distribution_to_json
+
+    return {"fixed": sorted(fixed), "space": {k: distribution_to_json(d) for k, d in sorted(space.items())},
+            "repeats": None if repeats is None else {"seeds": repeats.seeds, "key": repeats.key}}
+
+
+def record_difference(known: dict, record: dict) -> str:
+    """How a command's search differs from the one a study records ('' when it does not)."""
+    parts = []
+    if known["fixed"] != record["fixed"]:
+        gone = [o for o in known["fixed"] if o not in record["fixed"]]
+        new = [o for o in record["fixed"] if o not in known["fixed"]]
+        parts.append("overrides " + "; ".join(filter(None, [f"it has {' '.join(gone)}" if gone else "",
+                                                             f"this command has {' '.join(new)}" if new else ""])))
+    if known["space"] != record["space"]:
+        keys = sorted(k for k in set(known["space"]) | set(record["space"])
+                      if known["space"].get(k) != record["space"].get(k))
+        parts.append(f"search space differs in {', '.join(keys)}")
+    if known.get("repeats") != record["repeats"]:
+        parts.append(f"repeats {known.get('repeats')} there, {record['repeats']} here")
+    return ", ".join(parts)
+
+
 def distribution(override: Override):
     """The Optuna distribution of a sweep override (choice, range, interval with tags log/int),
     or None for a plain value."""
@@ -40,6 +70,15 @@ def distribution(override: Override):
 
     if not override.is_sweep_override():
         return None
+    try:
+        return _distribution(override)
+    except ValueError as exc:  # optuna's, for a reversed interval or range
+        raise UserError(f"{override.input_line}: {exc}") from None
+
+
+def _distribution(override: Override):
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
     value = override.value()
     if isinstance(value, ChoiceSweep) or (isinstance(value, RangeSweep) and value.shuffle):
         return CategoricalDistribution(list(override.sweep_iterator(transformer=Transformer.encode)))
@@ -57,10 +96,51 @@ def distribution(override: Override):
     raise UserError(f"{override.input_line}: not a search space Optuna can sample")
 
 
+def is_training_app(task_function) -> bool:
+    """Whether the sweep runs spectraqlora's own training entrypoint (whose schema can check it)."""
+    import inspect
+
+    spec = importlib.util.find_spec("spectraqlora.train")
+    try:
+        return spec is not None and Path(inspect.getsourcefile(task_function)).resolve() == Path(spec.origin).resolve()
+    except TypeError:  # a builtin or a callable without source
+        return False
+
+
+def bounds(dist) -> list:
+    """The values a distribution's extremes take: every choice, or the two ends."""
+    from optuna.distributions import CategoricalDistribution
+
+    return list(dist.choices) if isinstance(dist, CategoricalDistribution) else [dist.low, dist.high]
+
+
+def check_bounds(config_loader, config, fixed: list[str], space: dict) -> None:
+    """Every bound of the search space composed as its job will be and checked by the training
+    schema, before trial 0: a space that leaves a key's range (selection.top_frac=interval(2,3),
+    lora.r=choice(0,-4)) is one line, not a failure per trial."""
+    from omegaconf import open_dict
+
+    from spectraqlora.config import to_train_config
+
+    for name, dist in space.items():
+        for value in bounds(dist):
+            override = f"{name}={value}"
+            try:
+                job = config_loader.load_sweep_config(config, [*fixed, override])
+                with open_dict(job):
+                    del job["hydra"]
+                to_train_config(job)
+            except UserError as exc:
+                raise UserError(f"the search space of {name} reaches {override}: {exc}") from None
+            except Exception as exc:  # Hydra's, composing it (a wrong type)
+                raise UserError(f"the search space of {name} reaches {override}: "
+                                f"{str(exc).splitlines()[0]}") from None
+
+
 def removed_sampler(name: str, seed=None):
-    raise UserError(f"hydra/sweeper/sampler={name}: MOTPESampler was removed from Optuna (deprecated "
-                    f"since 2.9); TPESampler handles several objectives: use hydra/sweeper/sampler=tpe "
-                    f"(or nsgaii)")
+    raise UserError(f"hydra/sweeper/sampler={name}: the '{name}' sampler was removed in Optuna 4.0 "
+                    f"(MOTPESampler, deprecated since 2.9); TPESampler handles several objectives: use "
+                    f"hydra/sweeper/sampler=tpe (or nsgaii)")
 
 
 def trial_seed(seed: int, trial: int) -> int:
