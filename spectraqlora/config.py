@@ -392,11 +392,6 @@ def unknown_keys(node: DictConfig, schema=TrainConfig, prefix: str = "") -> list
 
 def to_train_config(cfg: DictConfig) -> TrainConfig:
     """The composed Hydra config as typed, resolved, validated dataclasses."""
-    if missing := sorted(OmegaConf.missing_keys(cfg)):
-        key = missing[0]
-        group, _, name = key.rpartition(".")
-        help = next(f.metadata.get("help", "") for f in dataclasses.fields(_schema_at(group)) if f.name == name)
-        raise UserError(f"which {name}? give {key}=... ({help})")
     if unknown := unknown_keys(cfg):
         key, near = unknown[0]
         group, _, _ = key.rpartition(".")

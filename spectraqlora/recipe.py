@@ -97,6 +97,7 @@ def plan(job: Plan):
             log.info("trainer.resume=true, but %s holds no checkpoint: training starts from step 0 "
                      "(a mistyped hydra.run.dir?)", job.run_dir)
         rundir.write_record(job.run_dir, job.record)
+    rundir.open_log(job.run_dir)
     if (job.run_dir / rundir.METRICS).exists():
         log.info("%s has finished already: nothing to resume", job.run_dir)
         job.finished = rundir.read_json(job.run_dir / rundir.METRICS)

@@ -29,7 +29,7 @@ log = logging.getLogger("spectraqlora.train")
 
 class RunLog(logging.FileHandler):
     """The run's log file (Hydra's `file` handler, conf/train.yaml), opened only once the run has
-    claimed its dir: a command refused before that (the dir in use, a resume that does not
+    claimed its dir and passed its checks on it (open_log): a command refused before that (the dir in use, a resume that does not
     match) never appends to the log of the run it was refused. Records held until then go to
     the file when it opens; the terminal has them either way."""
 
@@ -167,9 +167,13 @@ def claim(run_dir: Path) -> None:
     os.ftruncate(fd, 0)
     os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
     _held[run_dir] = fd
+
+
+def open_log(run_dir: Path) -> None:
+    """The run's log file opens (RunLog): the command has passed its checks on the dir."""
     for handler in logging.getLogger().handlers:
         if isinstance(handler, RunLog):
-            handler.open_for(run_dir)
+            handler.open_for(Path(run_dir).resolve())
 
 
 def release(run_dir: Path) -> None:

@@ -152,8 +152,3 @@ def test_the_scheduler_names_are_transformers_own():
     for ok in ("scan.device=cuda:1", "trainer.max_grad_norm=0", "seed=0", "trainer.lr_scheduler_type=cosine"):
         to_train_config(compose(ok))
 
-
-def test_a_required_key_left_unset_is_asked_for_not_defaulted():
-    """dataset=file without dataset.path trained on the synthetic default (merging ??? keeps it)."""
-    with pytest.raises(UserError, match=r"^which path\? give dataset.path=\.\.\. \(synthetic \(generated here\), a local file path"):
-        to_train_config(compose("dataset=file"))

@@ -80,7 +80,7 @@ def test_failed_and_pruned_trials_of_a_job_array_are_recorded_and_the_sweep_goes
         tmp_path, "hydra/sweeper=spectraqlora_optuna", "hydra/sweeper/sampler=grid",
         "hydra/sweeper/pruner=threshold", "hydra.sweeper.pruner.upper=10.1",
         "hydra/launcher=submitit_local", "hydra.sweeper.n_jobs=2", "hydra.sweeper.n_trials=4",
-        "lora.r=choice(0,8)", "trainer.learning_rate=choice(1e-7,1e-2)", env={"OMP_NUM_THREADS": "1"})
+        "lora.r=choice(1024,8)", "trainer.learning_rate=choice(1e-7,1e-2)", env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert (result.stdout + result.stderr).count("Submitit 'local' sweep output dir") == 2  # 2 x 2
     study = load(sweep_dir, f"{tmp_path.name}_sweep")  # study_name null: from the sweep dir
@@ -88,8 +88,8 @@ def test_failed_and_pruned_trials_of_a_job_array_are_recorded_and_the_sweep_goes
     for t in study.trials:
         assert t.user_attrs["run_dir"] == str(sweep_dir / str(t.number))  # job n = trial n
         if t.state.name == "FAIL":
-            assert t.params["lora.r"] == 0
-            assert "lora.r=0 is out of range" in t.user_attrs["error"]
+            assert t.params["lora.r"] == 1024  # within the schema, beyond tiny_llama's shapes
+            assert "rank 1024 is larger than the smaller dimension" in t.user_attrs["error"]
         if t.state.name == "PRUNED":  # lr 1e-7 leaves the loss above the threshold
             assert t.params["trainer.learning_rate"] == 1e-7
             assert t.value == t.intermediate_values[2] > 10.1
@@ -98,7 +98,7 @@ def test_failed_and_pruned_trials_of_a_job_array_are_recorded_and_the_sweep_goes
 @pytest.mark.slow
 def test_too_many_failures_stop_the_sweep_with_a_clear_error(tmp_path):
     result, sweep_dir = sweep(tmp_path, "hydra/sweeper=spectraqlora_optuna", "hydra.sweeper.n_trials=8",
-                              "hydra.sweeper.max_failure_rate=0.25", "lora.r=choice(-1,0)")
+                              "hydra.sweeper.max_failure_rate=0.25", "lora.r=choice(512,1024)")
     assert result.returncode != 0
     assert "error: sweep stopped: 3 trials failed, more than hydra.sweeper.max_failure_rate=0.25 " \
            "of n_trials=8" in result.stderr

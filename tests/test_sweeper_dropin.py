@@ -204,34 +204,6 @@ def test_a_reversed_interval_is_one_line_before_any_trial(tmp_path):
 
 
 @pytest.mark.slow
-def test_ctrl_c_in_a_sweep_is_one_line_with_the_command_that_resumes_it(tmp_path):
-    import signal
-
-    gate = Gate(tmp_path / "gate")
-    sweep_dir = tmp_path / "sweep"
-    proc = subprocess.Popen([sys.executable, str(APP), "-m", f"hydra.sweep.dir={sweep_dir}", "hydra.sweeper.n_trials=2",
-                             f"gate={gate.path}"], cwd=tmp_path, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while not gate.started() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and "Traceback" not in err
-    line = err.strip().splitlines()[-1]
-    assert line.startswith("error: sweep stopped by SIGINT: its finished trials are kept, the ones it interrupted "
-                           "do not count towards n_trials; resume with: ")
-    command = line.split("resume with: ")[1].split()
-    assert command[-1] == f"hydra.sweep.dir={sweep_dir}" and "hydra.sweeper.n_trials=2" in command
-    (trial,) = trials(sweep_dir)
-    assert trial.state.name == "FAIL" and trial.user_attrs["worker_lost"]
-    gate.release(1)  # the resumed sweep's trials: the interrupted one is not counted
-    gate.release(2)
-    resumed = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert sorted(t.state.name for t in trials(sweep_dir)) == ["COMPLETE", "COMPLETE", "FAIL"]
-
-
-@pytest.mark.slow
 def test_a_second_search_on_a_study_is_refused_and_a_complete_one_says_so(tmp_path):
     """Two sweeps on one storage and study name: the second reported the first's best as its own."""
     result, sweep_dir, first = sweep(tmp_path, "hydra.sweeper.n_trials=2")

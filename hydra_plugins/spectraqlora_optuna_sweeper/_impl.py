@@ -16,8 +16,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shlex
-import signal
 import socket
 import time
 from pathlib import Path
@@ -35,9 +33,9 @@ from hydra_plugins.spectraqlora_optuna_sweeper.results import (RESULTS, objectiv
                                                               write_results)
 from hydra_plugins.spectraqlora_optuna_sweeper.space import (SEARCH, check_bounds, is_training_app, make_sampler,
                                                              record_difference, search_record, search_space, suggest)
-from hydra_plugins.spectraqlora_optuna_sweeper.workers import WORKER_ENV, app_command, spawn_workers
+from hydra_plugins.spectraqlora_optuna_sweeper.workers import WORKER_ENV, spawn_workers
 from spectraqlora import rundir
-from spectraqlora.errors import Interrupted, UserError, exit_on_user_error
+from spectraqlora.errors import UserError, exit_on_user_error
 from spectraqlora.sweep import (log_sweep_summary, make_pruner, make_storage, storage_url, study_lock,
                                 study_name)
 
@@ -86,18 +84,7 @@ class SweeperImpl:
 
     def sweep(self, arguments: list[str]) -> None:
         with exit_on_user_error():
-            try:
-                self._sweep(arguments)
-            except KeyboardInterrupt:
-                raise Interrupted(f"sweep stopped by SIGINT: its finished trials are kept, the ones it "
-                                  f"interrupted do not count towards n_trials; resume with: "
-                                  f"{self._resume_command()}", signal.SIGINT) from None
-
-    def _resume_command(self) -> str:
-        hydra = self.config.hydra
-        own = [o for o in hydra.overrides.hydra if not o.startswith(("hydra.sweep.dir=", "hydra.mode="))]
-        return shlex.join([*app_command(self.task_function), "-m", *own, *hydra.overrides.task,
-                           f"hydra.sweep.dir={self.sweep_dir}"])
+            self._sweep(arguments)
 
     # -- the loop ---------------------------------------------------------------------------
 
