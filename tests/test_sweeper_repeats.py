@@ -194,6 +194,12 @@ def test_repeat_settings_that_cannot_work_are_refused_with_what_to_type():
         with pytest.raises(UserError, match=message):
             rep.configured(repeats, seeds, "seed", pruner, 1)
     assert rep.configured(3, None, "seed", wilcoxon(p_threshold=0.3), 1).across  # 0.5^2 < 0.3
+    with pytest.raises(UserError, match="repeat_key=trainer.seed with one run per trial: no repeat seed is passed"):
+        rep.configured(1, None, "trainer.seed", median, 1)  # accepted and ignored before
+    from hydra_plugins.spectraqlora_optuna_sweeper._confirm import Confirmation
+
+    with pytest.raises(UserError, match=r"confirm.seeds=\[7, 8\] without confirm.top_k: nothing is confirmed"):
+        Confirmation.configured(OmegaConf.create({"top_k": 0, "seeds": [7, 8], "baseline": {}}), None, 1, "seed")
     with pytest.raises(UserError, match="multi-objective studies cannot prune"):
         rep.configured(5, None, "seed", wilcoxon(), 2)
     with pytest.raises(UserError, match=r"^seed=4: seed is set by hydra.sweeper.repeats \(seeds \[1, 2\]\)"):

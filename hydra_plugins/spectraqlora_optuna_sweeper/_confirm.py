@@ -18,6 +18,7 @@ from spectraqlora.errors import UserError
 
 log = logging.getLogger(__name__)
 CONFIRMATION = "confirmation.yaml"
+DEFAULT_SEEDS = [101, 102, 103, 104, 105]  # config.ConfirmConfig's
 SETTINGS = "settings"  # confirmation study user attr: what it runs, chosen once
 
 
@@ -31,6 +32,9 @@ class Confirmation:
     @classmethod
     def configured(cls, cfg, repeats: rep.Repeats | None, n_directions: int, key: str) -> Confirmation | None:
         if cfg is None or not cfg.get("top_k"):
+            if cfg is not None and list(cfg.get("seeds") or []) != DEFAULT_SEEDS:
+                raise UserError(f"hydra.sweeper.confirm.seeds={list(cfg.seeds)} without confirm.top_k: nothing "
+                                f"is confirmed; add hydra.sweeper.confirm.top_k=3 (or drop the seeds)")
             return None
         seeds = list(cfg.seeds or [])
         if cfg.top_k < 0:

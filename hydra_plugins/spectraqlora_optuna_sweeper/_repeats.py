@@ -45,6 +45,9 @@ def configured(repeats: int, seeds, key: str, pruner_cfg, n_directions: int) -> 
             if across:
                 raise UserError(f"hydra/sweeper/pruner=wilcoxon prunes across a trial's repeats: set "
                                 f"hydra.sweeper.repeats={fewest_repeats(pruner_cfg)} or more")
+            if key != "seed":
+                raise UserError(f"hydra.sweeper.repeat_key={key} with one run per trial: no repeat seed is "
+                                f"passed; set hydra.sweeper.repeats (or drop repeat_key)")
             return None
         seeds = list(range(1, repeats + 1))
     seeds = list(seeds)
