@@ -43,10 +43,16 @@ class Strategy(str, enum.Enum):
     snr_cutoff = "snr_cutoff"
     kappa = "kappa"  # KappaTune: the lowest condition numbers, one ranking across types (as peft)
     kappa_per_type = "kappa_per_type"
+    alpha = "alpha"  # the heavy-tail exponent (WeightWatcher's alpha), per type like spectrum
     random = "random"
     layers = "layers"
     all = "all"
     none = "none"  # no adapters: only model.head_modules train (the linear-probe baseline)
+
+
+class AlphaOrder(str, enum.Enum):
+    high_first = "high_first"  # AlphaLoRA: a high alpha marks a layer its pre-training left less trained
+    low_first = "low_first"
 
 
 class RankAllocation(str, enum.Enum):
@@ -176,6 +182,9 @@ class SelectionConfig:
     layers: Optional[List[int]] = knob(None, "layers: these layer indices (negative counts from the end)")
     last_k: Optional[int] = knob(None, "layers: the last k layers (neither: the last top_frac of them)",
                                  **_optional_positive())
+    alpha_order: AlphaOrder = knob(AlphaOrder.high_first,
+                                   "alpha: high_first (AlphaLoRA: the least heavy-tailed, least-trained "
+                                   "layers) or low_first (the most heavy-tailed)")
     num_modules: Optional[int] = knob(None, "kappa: exactly this many modules instead of top_frac",
                                       **_optional_positive())
     min_layer: Optional[int] = knob(None, "any strategy: candidates from this layer up only (backward "
@@ -327,7 +336,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
-_FRACTION = {Strategy.spectrum, Strategy.spectrum_global, Strategy.kappa_per_type, Strategy.random}
+_FRACTION = {Strategy.spectrum, Strategy.spectrum_global, Strategy.kappa_per_type, Strategy.alpha, Strategy.random}
 # key -> (read by this config?, who reads it, what to type instead). A key set to anything but its
 # schema default where nothing reads it would be saved and ignored: the run would train
 # something other than what was typed.
@@ -338,9 +347,11 @@ _READ_BY = {
                                and c.selection.last_k is None)
                            or (c.selection.strategy is Strategy.all and c.selection.top_frac == 1.0),
                            "selection=spectrum, spectrum_global, kappa (without num_modules), "
-                           "kappa_per_type, random, layers (without layers or last_k)", "drop it"),
+                           "kappa_per_type, alpha, random, layers (without layers or last_k)", "drop it"),
     "selection.min_per_type": (lambda c: c.selection.strategy in _FRACTION,
-                               "selection=spectrum, spectrum_global, kappa_per_type, random", "drop it"),
+                               "selection=spectrum, spectrum_global, kappa_per_type, alpha, random", "drop it"),
+    "selection.alpha_order": (lambda c: c.selection.strategy is Strategy.alpha, "selection=alpha",
+                              "add selection=alpha"),
     "selection.snr_cutoff": (lambda c: c.selection.strategy is Strategy.snr_cutoff,
                              "selection=snr_cutoff", "add selection=snr_cutoff"),
     "selection.layers": (lambda c: c.selection.strategy is Strategy.layers, "selection=layers", "add selection=layers"),
@@ -364,7 +375,8 @@ def unread_keys(cfg: TrainConfig):
         if not read(cfg) and value != node.__dataclass_fields__[name].default:
             now = (f"selection={cfg.selection.strategy.value}" if group == "selection"
                    else f"lora.rank_allocation={cfg.lora.rank_allocation.value}")
-            yield f"{key}={value} is read by {readers} only, not {now}: {fix}"
+            shown = value.value if isinstance(value, enum.Enum) else value
+            yield f"{key}={shown} is read by {readers} only, not {now}: {fix}"
 
 
 # Names users bring from peft, transformers or other tools -> ours.

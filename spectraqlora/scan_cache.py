@@ -13,7 +13,7 @@ from spectraqlora.tensors import read_header
 
 log = logging.getLogger("spectraqlora.scan")
 
-SCAN_VERSION = 2  # bump when the table's fields, the SNR, the candidate rule or the type rule change
+SCAN_VERSION = 3  # 3: alpha added. Bump when the table's fields, the SNR, the candidate rule or the type rule change
 
 
 def identity(files: list[Path]) -> str:

@@ -1,4 +1,4 @@
-"""Spectrum scan: SNR (and condition number) of every candidate weight, read tensor by tensor
+"""Spectrum scan: SNR, condition number and heavy-tail alpha of every candidate weight, read tensor by tensor
 from safetensors files.
 
 The model is never loaded: each 2-D weight inside the transformer blocks (module_types.py) is
@@ -18,7 +18,7 @@ from spectraqlora.config import RankAllocation, ScanConfig, TrainConfig
 from spectraqlora.errors import UserError
 from spectraqlora.module_types import candidates, module_type
 from spectraqlora.selection import NEEDS_SNR, restrict_types, select
-from spectraqlora.snr import condition_number, singular_values, snr_from_singular_values
+from spectraqlora.snr import condition_number, heavy_tail_alpha, singular_values, snr_from_singular_values
 from spectraqlora.telemetry import show_progress
 from spectraqlora.tensors import read_tensor
 
@@ -27,12 +27,12 @@ log = logging.getLogger("spectraqlora.scan")
 
 def compute(files: list[Path], *, with_snr: bool = True, device: str = "cpu",
             progress: bool = True) -> dict[str, dict]:
-    """The snr.json table: {name: {"snr", "kappa", "type", "layer", "shape"}} for every
-    candidate, computed (no cache): Spectrum's SNR and KappaTune's condition number, both from
-    one set of singular values per matrix.
+    """The snr.json table: {name: {"snr", "kappa", "alpha", "type", "layer", "shape"}} for every
+    candidate, computed (no cache): Spectrum's SNR, KappaTune's condition number and the
+    heavy-tail exponent alpha, all from one set of singular values per matrix.
 
-    Without with_snr the table lists the candidates with snr and kappa None (strategies that
-    ignore them).
+    Without with_snr the table lists the candidates with snr, kappa and alpha None (strategies
+    that ignore them).
     """
     found = candidates(files)
     if not found:
@@ -44,12 +44,12 @@ def compute(files: list[Path], *, with_snr: bool = True, device: str = "cpu",
     for file, group in itertools.groupby(found, key=lambda c: c.file):  # found is in file order
         with open(file, "rb") as f:
             for c in group:
-                snr = kappa = None
+                snr = kappa = alpha = None
                 if with_snr:
-                    s = singular_values(read_tensor(f, c.file, c.name, c.dtype, c.shape, c.offsets).to(device))
-                    snr, kappa = snr_from_singular_values(s, *c.shape), condition_number(s)
+                    s = singular_values(read_tensor(f, c.file, c.name, c.dtype, c.shape, c.offsets).to(device)).cpu()
+                    snr, kappa, alpha = snr_from_singular_values(s, *c.shape), condition_number(s), heavy_tail_alpha(s)
                     bar.update()
-                table[c.name] = {"snr": snr, "kappa": kappa, "type": module_type(c, multi_stack),
+                table[c.name] = {"snr": snr, "kappa": kappa, "alpha": alpha, "type": module_type(c, multi_stack),
                                  "layer": c.layer, "shape": list(c.shape)}
     bar.close()
     return table

@@ -2,7 +2,7 @@
 and the optional SNR-driven rank allocation.
 
 Each strategy is a small function of the table (rows with "type", "layer", "snr", "shape").
-The fraction-based ones (spectrum, spectrum_global, kappa_per_type, random) then keep at least
+The fraction-based ones (spectrum, spectrum_global, kappa_per_type, alpha, random) then keep at least
 `min_per_type` modules of every candidate type; kappa ranks as peft's KappaTuneSelector does.
 """
 from __future__ import annotations
@@ -14,11 +14,11 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from spectraqlora.config import SelectionConfig, Strategy
+from spectraqlora.config import AlphaOrder, SelectionConfig, Strategy
 from spectraqlora.errors import UserError
 
 NEEDS_SNR = {Strategy.spectrum, Strategy.spectrum_global, Strategy.snr_cutoff, Strategy.kappa,
-             Strategy.kappa_per_type}  # the scan's singular values: SNR and condition number
+             Strategy.kappa_per_type, Strategy.alpha}  # the scan's singular values: SNR, kappa, alpha
 
 
 @dataclass
@@ -128,6 +128,21 @@ def kappa_per_type(table: dict[str, dict], top_frac: float, min_per_type: int = 
             for name in by_kappa(table, names)[:keep_count(len(names), top_frac, min_per_type)]]
 
 
+def by_alpha(table: dict[str, dict], names: list[str], order: AlphaOrder) -> list[str]:
+    """Highest alpha first (high_first) or lowest first; a module without a fit (too few nonzero
+    eigenvalues) last; a stable sort, so ties keep checkpoint order."""
+    sign = -1 if order is AlphaOrder.high_first else 1
+    return sorted(names, key=lambda n: (table[n]["alpha"] is None, sign * (table[n]["alpha"] or 0)))
+
+
+def alpha_per_type(table: dict[str, dict], top_frac: float, order: AlphaOrder,
+                   min_per_type: int = 0) -> list[str]:
+    """Per module type, the floor(count x top_frac) modules first by heavy-tail alpha (Spectrum's
+    budget rule with WeightWatcher's exponent, as AlphaLoRA and OwLore allocate)."""
+    return [name for names in by_type(table).values()
+            for name in by_alpha(table, names, order)[:keep_count(len(names), top_frac, min_per_type)]]
+
+
 def snr_cutoff(table: dict[str, dict], cutoff: float) -> list[str]:
     return [name for name, row in table.items() if row["snr"] >= cutoff]
 
@@ -200,6 +215,8 @@ def select(table: dict[str, dict], cfg: SelectionConfig, seed: int = 0) -> list[
         chosen = kappa(table, cfg.top_frac, cfg.num_modules)
     elif s is Strategy.kappa_per_type:
         chosen = kappa_per_type(table, cfg.top_frac, cfg.min_per_type)
+    elif s is Strategy.alpha:
+        chosen = alpha_per_type(table, cfg.top_frac, cfg.alpha_order, cfg.min_per_type)
     elif s is Strategy.random:
         chosen = at_random(table, cfg.top_frac, seed, cfg.min_per_type)
     elif s is Strategy.layers:

