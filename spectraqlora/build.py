@@ -3,13 +3,18 @@ checkpoint, tokenizer and rows first, then the 4-bit base with its adapters: new
 selected modules, or a finished run's, reloaded."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from datasets import DatasetDict
+
 from spectraqlora import checkpoint, data, modeling, scoring
 from spectraqlora.config import TrainConfig
 from spectraqlora.selection import Selection
+
+log = logging.getLogger("spectraqlora.data")
 
 
 @dataclass
@@ -22,12 +27,17 @@ class Inputs:
     tokenizer: Any
     raw: Any  # datasets.DatasetDict
 
-    def tokenized(self, cfg: TrainConfig):
-        """The rows as the model reads them, and for labeled data that a causal LM learns as
-        text, the class names to score (scoring.LabelChoices), else None."""
-        task = cfg.model.task
-        return (data.tokenize(self.raw, self.tokenizer, cfg.dataset, task),
-                scoring.label_choices(self.raw, self.tokenizer, cfg.dataset, task))
+    def tokenized(self, cfg: TrainConfig, splits: tuple[str, ...] = ("train", "eval")):
+        """The rows as the model reads them (evaluate: the eval split only; trainer.eval_rows of
+        it), and for labeled data that a causal LM learns as text, the class names to score
+        (scoring.LabelChoices), else None."""
+        task, raw = cfg.model.task, self.raw
+        if cfg.trainer.eval_rows is not None and cfg.trainer.eval_rows < len(raw["eval"]):
+            log.info("data: evaluations read %d of the %d eval rows (trainer.eval_rows)", cfg.trainer.eval_rows,
+                     len(raw["eval"]))
+            raw = DatasetDict({**raw, "eval": raw["eval"].select(range(cfg.trainer.eval_rows))})
+        return (data.tokenize(raw, self.tokenizer, cfg.dataset, task, splits),
+                scoring.label_choices(raw, self.tokenizer, cfg.dataset, task))
 
 
 def load_inputs(cfg: TrainConfig) -> Inputs:
@@ -35,8 +45,10 @@ def load_inputs(cfg: TrainConfig) -> Inputs:
     missing model or a dataset without the named column fails here, before anything heavy."""
     path = checkpoint.resolve(cfg.model)
     modeling.check_quant_support(cfg.quant)
-    return Inputs(path, checkpoint.safetensors_files(path), modeling.load_tokenizer(path, cfg.model),
-                  data.load(cfg.dataset, cfg.model.task, cfg.seed))
+    files = checkpoint.safetensors_files(path)
+    checkpoint.check_dir(path, cfg.model, files)
+    modeling.check_task(path, cfg.model)
+    return Inputs(path, files, modeling.load_tokenizer(path, cfg.model), data.load(cfg.dataset, cfg.model.task, cfg.seed))
 
 
 def base_model(inputs: Inputs, cfg: TrainConfig, fsdp: bool = False):

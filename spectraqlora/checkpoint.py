@@ -33,6 +33,26 @@ def resolve(model: ModelConfig, patterns: list[str] = HUB_PATTERNS) -> Path:
     return _download(model.name_or_path, model.revision, patterns)
 
 
+# A tokenizer's vocabulary under the names transformers saves it (fast, sentencepiece, WordPiece,
+# byte-level BPE, tiktoken): a dir with none of them cannot give a tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
+                   "vocab.txt", "vocab.json")
+
+
+def check_dir(path: Path, model: ModelConfig, files: list[Path]) -> None:
+    """What a checkpoint dir holds, before anything loads from it: every weight file whole (its
+    header and the bytes it describes) and tokenizer files, unless model.tokenizer names another
+    source. Each gap is one line naming the files and the fix."""
+    from spectraqlora.tensors import read_header
+
+    for file in files:
+        read_header(file)  # a cut or corrupt file: one line naming it
+    if model.tokenizer is None and not any((path / name).is_file() for name in TOKENIZER_FILES) \
+            and not any(path.glob("*.tiktoken")):
+        raise UserError(f"{path} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}): copy them "
+                        f"from the model it was trained from, or set model.tokenizer=<hub id or dir>")
+
+
 def num_layers(path: Path) -> int | None:
     """The number of transformer layers its config.json names, when it names one."""
     try:
@@ -41,6 +61,16 @@ def num_layers(path: Path) -> int | None:
         return None
     config = config.get("text_config", config)
     return next((config[k] for k in ("num_hidden_layers", "n_layer", "num_layers") if k in config), None)
+
+
+GATED = ("meta-llama/", "google/gemma", "mistralai/Mistral-Large")  # hub repos behind a licence form
+
+
+def _gated_note(repo_id: str) -> str:
+    if not repo_id.startswith(GATED):
+        return ""
+    return (f"; it is gated: accept its licence on https://huggingface.co/{repo_id} and give a token "
+            f"(HF_TOKEN=... or `hf auth login`)")
 
 
 def _download(repo_id: str, revision: str | None, patterns: list[str]) -> Path:
@@ -54,11 +84,11 @@ def _download(repo_id: str, revision: str | None, patterns: list[str]) -> Path:
         raise UserError(
             f"model '{repo_id}' is neither in the local Hugging Face cache nor reachable on the "
             f"hub (HF_HUB_OFFLINE={offline}); download it where the hub answers, or set "
-            f"model.name_or_path=<local checkpoint dir>"
+            f"model.name_or_path=<local checkpoint dir>" + _gated_note(repo_id)
         ) from exc
     except HfHubHTTPError as exc:  # gated repo, bad token, unknown id
         first = str(exc).splitlines()[0]
-        raise UserError(f"model '{repo_id}' could not be fetched from the hub: {first}") from exc
+        raise UserError(f"model '{repo_id}' could not be fetched from the hub: {first}" + _gated_note(repo_id)) from exc
 
 
 def _build_random_init(model: ModelConfig, path: Path) -> Path:

@@ -9,7 +9,6 @@ its defaults list), so a misspelt key or a wrong type is refused by Hydra while 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import enum
 import re
 import typing
@@ -21,6 +20,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from spectraqlora import resolvers
+from spectraqlora.cli import nearest
 from spectraqlora.errors import UserError
 
 
@@ -132,14 +132,19 @@ class ModelConfig:
     random_init: Optional[Dict[str, Any]] = knob(
         None, "when set and name_or_path does not exist yet: a random-init model of this config "
               "(AutoConfig.for_model kwargs, model_type included), saved there once")
-    tokenizer: Optional[str] = knob(None, "for random_init: where its tokenizer comes from")
+    tokenizer: Optional[str] = knob(None, "where the tokenizer comes from (hub id or dir) when the checkpoint "
+                                          "dir has none; random_init: the tokenizer it is built with "
+                                          "(null: the checkpoint's own)")
     gguf_file: Optional[str] = knob(None, "a GGUF file to convert (once) into a safetensors checkpoint at name_or_path")
+    hub_id: Optional[str] = knob(None, "model cards: the hub id the weights come from (null: name_or_path when it is one)")
+    license: Optional[str] = knob(None, "model cards: the base's license (null: the checkpoint's README or GGUF says)")
 
 
 @dataclass
 class DatasetConfig:
     name: str = knob("synthetic", "a name for reports")
-    path: str = knob("synthetic", "synthetic (generated here), a local file path, or a hub dataset id")
+    path: str = knob(MISSING, "synthetic (generated here), a local file path, or a hub dataset id; every "
+                              "dataset preset sets it (dataset=file asks for it)")
     text_column: str = knob("text", "classification: the text")
     label_column: str = knob("label", "classification: the label")
     label_names: Optional[List[str]] = knob(
@@ -261,6 +266,9 @@ class TrainerConfig:
     on_nonfinite_loss: NonFinite = knob(NonFinite.error, "error: stop the run; skip: drop that step and count it")
     keep_checkpoints: bool = knob(False, "keep checkpoints/ once the run has finished")
     eval_before: bool = knob(True, "evaluate before training too (metrics.json's *_before)")
+    eval_rows: Optional[int] = knob(None, "evaluations read the first N of the eval split's rows (null: all of "
+                                          "them); the split itself, and so the training rows, stay as "
+                                          "dataset.eval_size makes them", **_optional_positive())
 
 
 @dataclass
@@ -393,9 +401,7 @@ def unknown_keys(node: DictConfig, schema=TrainConfig, prefix: str = "") -> list
     found = []
     for key in node.keys():
         if key not in hints:
-            valid = list(hints)
-            near = _ALIASES.get(key) if _ALIASES.get(key) in hints else None
-            near = near or next(iter(difflib.get_close_matches(key, valid, n=1, cutoff=0.5)), None)
+            near = nearest(key, list(hints), _ALIASES)
             found.append((prefix + key, prefix + near if near else ""))
         elif dataclasses.is_dataclass(hints[key]) and isinstance(node[key], DictConfig):
             found += unknown_keys(node[key], hints[key], f"{prefix}{key}.")
@@ -411,6 +417,8 @@ def to_train_config(cfg: DictConfig) -> TrainConfig:
         raise UserError(f"unknown key {key}" + (f": did you mean {near}?" if near else "")
                         + f" (the keys of {group or 'the top level'} are: {', '.join(known)})")
     try:
+        if missing := sorted(OmegaConf.missing_keys(cfg)):  # resolves interpolations: our resolvers may refuse
+            raise UserError(f"{missing[0]} is not set: {_ASK.get(missing[0], f'give {missing[0]}=<value>')}")
         typed = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg))
     except UserError:
         raise
@@ -420,6 +428,9 @@ def to_train_config(cfg: DictConfig) -> TrainConfig:
             cause = cause.__cause__ or cause.__context__
         raise (cause or UserError(str(exc).splitlines()[0])) from None
     return validate(typed)
+
+
+_ASK = {"dataset.path": "which file? give dataset.path=<data.jsonl, .json, .csv or .parquet> (or a hub dataset id)"}
 
 
 def _schema_at(path: str):
@@ -433,7 +444,8 @@ def _schema_at(path: str):
 # and scans, none of what it trains or on what
 MAY_CHANGE_ON_RESUME = ("logger.", "scan.", "trainer.resume", "trainer.save_steps", "trainer.save_total_limit",
                         "trainer.keep_checkpoints", "trainer.logging_steps", "trainer.dataloader_num_workers",
-                        "trainer.on_nonfinite_loss", "trainer.per_device_eval_batch_size")
+                        "trainer.on_nonfinite_loss", "trainer.per_device_eval_batch_size",
+                        "model.hub_id", "model.license")
 
 
 def resume_differences(recorded: TrainConfig, typed: TrainConfig) -> list[str]:

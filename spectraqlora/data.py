@@ -26,6 +26,7 @@ def load(cfg: DatasetConfig, task: Task, seed: int) -> DatasetDict:
     """Raw train/eval rows from the configured source, with the task's columns checked."""
     data = sources.rows(cfg, seed)
     _check_columns(data, cfg, task)
+    _check_text(data, cfg, task)
     if task is Task.classification:
         _check_labels(data, cfg)
     return data
@@ -52,6 +53,82 @@ def _check_columns(data: DatasetDict, cfg: DatasetConfig, task: Task) -> None:
         chat = f" (or dataset.messages_column={cfg.messages_column})" if task is Task.causal_lm else ""
         raise UserError(f"the dataset has no column for {named}{chat}; its columns are: "
                         f"{', '.join(columns)}")
+
+
+ROLES = ("system", "user", "assistant")  # what chat templates render
+
+
+def _check_text(data: DatasetDict, cfg: DatasetConfig, task: Task) -> None:
+    """The columns the model reads as text hold text in every row: no empty cells (a CSV's
+    blank, JSON's null), no numbers; chat messages are {role, content} turns with known roles
+    and an assistant turn to learn."""
+    columns = data["train"].column_names
+    if cfg.messages_column in columns and task is Task.causal_lm:
+        for split, rows in data.items():
+            _check_messages(rows, cfg, split)
+        return
+    if task is Task.classification:
+        named = {"text_column": cfg.text_column}
+    else:
+        named = {"response_column": cfg.response_column, **({} if cfg.prompt_template else {"prompt_column": cfg.prompt_column})}
+    for key, column in named.items():
+        for split, rows in data.items():
+            feature = rows.features[column]
+            if getattr(feature, "dtype", None) not in ("string", "large_string"):
+                raise UserError(f"dataset.{key}={column} holds {getattr(feature, 'dtype', type(feature).__name__)} "
+                                f"values, not text ({split} row 0: {rows[0][column]!r}): name the text column")
+            empty = [i for i, v in enumerate(rows[column]) if v is None]
+            if empty:
+                where = ", ".join(map(str, empty[:5])) + (", ..." if len(empty) > 5 else "")
+                raise UserError(f"dataset.{key}={column}: {len(empty)} of {len(rows)} {split} rows have no text "
+                                f"(an empty cell or null; rows {where}): drop or fill them")
+
+
+def _check_messages(rows: Dataset, cfg: DatasetConfig, split: str) -> None:
+    column = f"dataset.messages_column={cfg.messages_column}"
+    for i, turns in enumerate(rows[cfg.messages_column]):
+        if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
+            raise UserError(f"{column}: {split} row {i} is not a list of turns ({str(turns)[:80]})")
+        keys = sorted({k for t in turns for k, v in t.items() if v is not None})
+        if not {"role", "content"} <= set(keys):
+            hint = " (ShareGPT's from/value: rename them role/content, human -> user, gpt -> assistant)" \
+                if {"from", "value"} <= set(keys) else ""
+            raise UserError(f"{column}: turns need the keys role and content; {split} row {i}'s turns have "
+                            f"{', '.join(keys)}{hint}")
+        if unknown := sorted({t["role"] for t in turns} - set(ROLES)):
+            raise UserError(f"{column}: {split} row {i} has the role {', '.join(map(repr, unknown))}; the chat "
+                            f"template knows {', '.join(ROLES)}: rename it")
+        if not any(t["role"] == "assistant" for t in turns):
+            raise UserError(f"{column}: {split} row {i} has no assistant turn: nothing in it to learn "
+                            f"(drop such rows)")
+
+
+def identity(raw: DatasetDict) -> dict:
+    """What a run trained and evaluated on, as its selection.json records it: the row counts and
+    the sha256 of the eval rows (evaluate refuses a split that changed since)."""
+    import hashlib
+    import json
+
+    rows = json.dumps(raw["eval"].to_dict(), sort_keys=True, default=str).encode()
+    return {"train_rows": len(raw["train"]), "eval_rows": len(raw["eval"]), "eval_sha256": hashlib.sha256(rows).hexdigest()}
+
+
+def check_same_data(recorded: dict | None, raw: DatasetDict, force: bool = False) -> None:
+    """The rows a finished run was evaluated on are the rows loaded now, or a UserError saying
+    how they differ (force: said as a warning instead)."""
+    now = identity(raw)
+    if recorded is None or recorded == now:
+        return
+    def shown(key, value):
+        return str(value)[:12] if key.endswith("sha256") else value
+
+    changed = "; ".join(f"{k.replace('_', ' ')}: {shown(k, recorded.get(k))} -> {shown(k, now[k])}"
+                        for k in now if recorded.get(k) != now[k])
+    message = (f"the data differ from what the run trained and evaluated on ({changed}): the dataset's "
+               f"files changed since?")
+    if not force:
+        raise UserError(f"{message} Restore them, or evaluate on the data as they are now with force=true")
+    log.warning("%s Evaluating on them as they are now (force=true).", message)
 
 
 def label_key(value) -> str:
@@ -111,6 +188,8 @@ def _check_labels(data: DatasetDict, cfg: DatasetConfig) -> None:
                 examples = ", ".join(f"{k!r} ({count[k]} rows)" for k in outside[:5])
                 raise UserError(f"{column}: {split} labels outside dataset.label_names="
                                 f"{list(cfg.label_names)}: {examples}")
+    if cfg.label_names is None and not isinstance(feature, ClassLabel):
+        _check_label_kinds(counts["train"], column)
     if len(counts["train"]) < 2:
         raise UserError(f"{column}: the training split has a single class "
                         f"({_format_counts(counts['train'])}): a classifier learns nothing from it "
@@ -125,8 +204,25 @@ def _check_labels(data: DatasetDict, cfg: DatasetConfig) -> None:
              ", ".join(f"{n} {counts['train'][n]} / {counts['eval'][n]}" for n in names))
 
 
-def _format_counts(count: Counter) -> str:
-    return ", ".join(f"{k!r}: {n} rows" for k, n in sorted(count.items()))
+def _check_label_kinds(count: Counter, column: str) -> None:
+    """Labels that are classes: not a mix of names and numbers (which class is 1?), not the
+    many distinct fractions of a regression target."""
+    numbers = [k for k in count if _numeric_first(k)[0] == 0]
+    if numbers and len(numbers) < len(count):
+        raise UserError(f"{column} mixes class names and numbers ({_format_counts(count)}): make them one "
+                        f"kind, or give the classes in id order: dataset.label_names=[...]")
+    fractions = [k for k in numbers if "." in k]
+    if fractions and len(numbers) > 20:
+        raise UserError(f"{column} looks continuous ({len(numbers)} distinct numbers, e.g. "
+                        f"{', '.join(sorted(fractions, key=float)[:3])}): classification needs classes; "
+                        f"bin them into a column of class names")
+
+
+def _format_counts(count: Counter, most: int = 8) -> str:
+    """'a': 3 rows, ... for the first `most` labels (and how many more)."""
+    items = sorted(count.items())
+    shown = ", ".join(f"{k!r}: {n} rows" for k, n in items[:most])
+    return shown + (f", and {len(items) - most} more labels" if len(items) > most else "")
 
 
 def num_labels(data: DatasetDict, cfg: DatasetConfig, task: Task) -> int | None:
@@ -134,8 +230,10 @@ def num_labels(data: DatasetDict, cfg: DatasetConfig, task: Task) -> int | None:
     return len(label_names(data, cfg)) if task is Task.classification else None
 
 
-def tokenize(data: DatasetDict, tokenizer, cfg: DatasetConfig, task: Task) -> DatasetDict:
-    """Model inputs for the task; raw columns are dropped."""
+def tokenize(data: DatasetDict, tokenizer, cfg: DatasetConfig, task: Task,
+             splits: tuple[str, ...] = ("train", "eval")) -> DatasetDict:
+    """Model inputs for the task, for the given splits (evaluate: eval only); raw columns are
+    dropped."""
     if task is Task.classification:
         names = label_names(data, cfg)
         as_id = {n: i for i, n in enumerate(names)}
@@ -164,11 +262,11 @@ def tokenize(data: DatasetDict, tokenizer, cfg: DatasetConfig, task: Task) -> Da
 
     out = DatasetDict({
         split: rows.map(encode, remove_columns=rows.column_names, desc=f"tokenize {split}")
-        for split, rows in data.items()
+        for split, rows in data.items() if split in splits
     })
     if task is Task.causal_lm:
         out = _keep_rows_with_response(out, cfg)
-    if cfg.packing:  # train only: eval rows stay whole, so eval loss compares across settings
+    if cfg.packing and "train" in out:  # train only: eval rows stay whole, so eval loss compares across settings
         out["train"] = pack(out["train"], cfg.max_length)
     out["eval"] = batching.longest_first(out["eval"])
     return out

@@ -3,9 +3,9 @@ transformers checkpoint (the adapter merged into the base) or as the adapter alo
 Hugging Face model card; checked against what the run evaluated before anything is kept.
 
 Merging (peft's merge_and_unload on a float base, the library's own path):
-- export.base=dequantized (default): the base as training saw it, the 4-bit weights dequantized
+- base=dequantized (default): the base as training saw it, the 4-bit weights dequantized
   (transformers' `dequantize`); the merged model reproduces the run's eval loss.
-- export.base=original: the full-precision checkpoint; what users often want for quality, not
+- base=original: the full-precision checkpoint; what users often want for quality, not
   what was trained against, so its eval loss differs a little.
 
 The output is written into a temporary dir beside `export.out` and renamed when complete.
@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import logging
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -23,7 +24,7 @@ import hydra
 import yaml
 from omegaconf import DictConfig
 
-from spectraqlora import rundir
+from spectraqlora import cli, rundir
 from spectraqlora.config import CONF_DIR, DTYPES, TrainConfig, load_run_config
 from spectraqlora.errors import UserError, exit_on_user_error
 
@@ -36,15 +37,17 @@ LOSS_TOLERANCE = 1e-3  # relative: the dequantized merge must reproduce the run'
 
 def export_run(run_dir: Path | None, out: Path | None = None, dtype: str | None = None,
                base: str = "dequantized", adapter_only: bool = False, check_rows: int = 8,
-               allow_pickle: bool = False) -> Path:
+               allow_pickle: bool = False, loss_rows: int | None = 64) -> Path:
     """Write the export of a finished run; returns where it is."""
     run_dir = rundir.finished_run(run_dir, "export")
     if base not in BASES:
-        raise UserError(f"export.base={base}: expected one of {', '.join(BASES)}")
+        raise UserError(f"base={base}: expected one of {', '.join(BASES)}")
     if dtype is not None and dtype not in DTYPES:
-        raise UserError(f"export.dtype={dtype}: expected one of {', '.join(DTYPES)} (or null: the model's)")
+        raise UserError(f"dtype={dtype}: expected one of {', '.join(DTYPES)} (or null: the model's)")
     if check_rows < 1:
-        raise UserError(f"export.check_rows={check_rows}: expected a positive number of rows")
+        raise UserError(f"check_rows={check_rows}: expected a positive number of rows")
+    if loss_rows is not None and loss_rows < 1:
+        raise UserError(f"loss_rows={loss_rows}: expected a positive number of rows (or null: the whole eval split)")
     if adapter_only and (base != BASES[0] or dtype is not None):
         given = " ".join(f"{k}={v}" for k, v in (("base", base), ("dtype", dtype)) if v not in (BASES[0], None))
         raise UserError(f"adapter_only=true copies the adapter as trained, with no base to merge into: "
@@ -52,8 +55,10 @@ def export_run(run_dir: Path | None, out: Path | None = None, dtype: str | None 
     cfg = load_run_config(run_dir)
     out = Path(out) if out else run_dir / ("adapter_export" if adapter_only else "merged")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"export.out={out} exists and is not empty: remove it, or give export.out=<new dir>")
-    from spectraqlora import checkpoint  # torch: after the checks
+        raise UserError(f"out={out} exists and is not empty: remove it, or give out=<new dir>")
+    from spectraqlora import checkpoint, telemetry  # torch: after the checks
+
+    telemetry.configure_progress(telemetry.show_progress(cfg.logger))  # piped: plain lines, no bars
 
     path = checkpoint.resolve(cfg.model)
     check_base_unchanged(run_dir, path)
@@ -63,7 +68,7 @@ def export_run(run_dir: Path | None, out: Path | None = None, dtype: str | None 
                 shutil.copy2(file, tmp / file.name)
             checks = {}
         else:
-            checks = merge(cfg, run_dir, tmp, dtype or cfg.model.dtype, base, check_rows, allow_pickle)
+            checks = merge(cfg, run_dir, tmp, dtype or cfg.model.dtype, base, check_rows, allow_pickle, loss_rows)
         rundir.write_text(tmp / "README.md", model_card(cfg, run_dir, adapter_only, base, checks))
         rundir.write_json(tmp / EXPORT, {"run_dir": str(run_dir), "adapter_only": adapter_only,
                                          **({"base": base, "dtype": dtype or cfg.model.dtype} if not adapter_only else {}),
@@ -88,15 +93,21 @@ def check_base_unchanged(run_dir: Path, path: Path) -> None:
 
 
 def merge(cfg: TrainConfig, run_dir: Path, out: Path, dtype: str, base: str, check_rows: int,
-          allow_pickle: bool) -> dict:
-    """The merged checkpoint written to out; the checks (export.json's figures)."""
+          allow_pickle: bool, loss_rows: int | None = 64) -> dict:
+    """The merged checkpoint written to out; the checks (export.json's figures): logits on
+    check_rows eval rows, and the eval loss on the first loss_rows of them against the adapter on
+    the 4-bit base (null: on the whole split, against the loss the run recorded)."""
     import torch
+    from datasets import DatasetDict
 
     from spectraqlora import batching, build, data, modeling
 
     inputs = build.load_inputs(cfg)
     tokenizer, num_labels = inputs.tokenizer, data.num_labels(inputs.raw, cfg.dataset, cfg.model.task)
-    tokenized, choices = inputs.tokenized(cfg)
+    tokenized, choices = inputs.tokenized(cfg, splits=("eval",))
+    whole = loss_rows is None or loss_rows >= len(tokenized["eval"])
+    if not whole:  # the loss on a bounded number of rows: the same rows for both models, no scoring
+        tokenized, choices = DatasetDict(eval=tokenized["eval"].select(range(loss_rows))), None
     rows = batching.collator(tokenizer, cfg.model.task)(
         [tokenized["eval"][i] for i in range(min(check_rows, len(tokenized["eval"])))])
     rows.pop("labels")
@@ -104,6 +115,8 @@ def merge(cfg: TrainConfig, run_dir: Path, out: Path, dtype: str, base: str, che
     trained = build.trained_model(inputs, cfg, run_dir / rundir.ADAPTER, allow_pickle)
     with torch.no_grad():
         reference = trained(**rows).logits.float()
+    recorded = rundir.read_json(run_dir / rundir.METRICS)["eval_loss"]
+    before = recorded if whole else _evaluate(trained, tokenized, None, tokenizer, cfg)["eval_loss"]
     if base == "dequantized":
         float_base = trained.unload()  # the 4-bit base without the adapter's layers
         float_base.dequantize(dtype=getattr(torch, dtype))
@@ -123,17 +136,17 @@ def merge(cfg: TrainConfig, run_dir: Path, out: Path, dtype: str, base: str, che
     with torch.no_grad():
         max_diff = float((reloaded(**rows).logits.float() - reference).abs().max())
     metrics = _evaluate(reloaded, tokenized, choices, tokenizer, cfg)
-    recorded = rundir.read_json(run_dir / rundir.METRICS)["eval_loss"]
-    rel = abs(metrics["eval_loss"] - recorded) / abs(recorded)
-    checks = {"check_rows": len(rows["input_ids"]), "max_logit_diff": max_diff,
-              **{f"merged_{k}": v for k, v in metrics.items()}, "run_eval_loss": recorded,
-              "eval_loss_rel_diff": rel}
-    log.info("merged (%s base, %s): largest logit difference on %d eval rows %.3g; eval loss %.6f "
-             "(the run recorded %.6f, relative difference %.2g)", base, dtype, checks["check_rows"],
-             max_diff, metrics["eval_loss"], recorded, rel)
+    rel = abs(metrics["eval_loss"] - before) / abs(before)
+    against = "the run's eval loss" if whole else "the adapter on the 4-bit base"
+    checks = {"check_rows": len(rows["input_ids"]), "max_logit_diff": max_diff, "loss_rows": len(tokenized["eval"]),
+              **{f"merged_{k}": v for k, v in metrics.items()}, "reference_eval_loss": before,
+              "reference": against, "run_eval_loss": recorded, "eval_loss_rel_diff": rel}
+    log.info("merged (%s base, %s): largest logit difference on %d eval rows %.3g; eval loss on %d rows %.6f "
+             "(%s %.6f, relative difference %.2g)", base, dtype, checks["check_rows"], max_diff,
+             checks["loss_rows"], metrics["eval_loss"], against, before, rel)
     if base == "dequantized" and rel > LOSS_TOLERANCE:
-        raise UserError(f"the merged model's eval loss {metrics['eval_loss']:.6f} differs from the "
-                        f"run's {recorded:.6f} by {rel:.2g} relative (more than {LOSS_TOLERANCE}): "
+        raise UserError(f"the merged model's eval loss {metrics['eval_loss']:.6f} differs from "
+                        f"{against} ({before:.6f}) by {rel:.2g} relative (more than {LOSS_TOLERANCE}): "
                         f"not exported")
     return checks
 
@@ -157,24 +170,32 @@ def model_card(cfg: TrainConfig, run_dir: Path, adapter_only: bool, base: str, c
     selection = rundir.read_json(run_dir / rundir.SELECTION)
     metrics = rundir.read_json(run_dir / rundir.METRICS)
     table = rundir.read_json(run_dir / rundir.SNR) if (run_dir / rundir.SNR).is_file() else {}
-    front = {"base_model": cfg.model.name_or_path,
+    base_dir = Path(selection.get("base", {}).get("path", cfg.model.name_or_path))
+    hub_id = cfg.model.hub_id or (cfg.model.name_or_path if _is_hub_id(cfg.model.name_or_path) else None)
+    gguf = _gguf_origin(base_dir)
+    front = {**({"base_model": hub_id} if hub_id else {}),  # the hub refuses a local path here
              "library_name": "peft" if adapter_only else "transformers",
              "tags": ["spectraqlora", "lora", "qlora", f"selection-{selection['strategy']}"]}
-    if license_ := _license(Path(selection.get("base", {}).get("path", cfg.model.name_or_path))):
+    if license_ := cfg.model.license or _license(base_dir) or gguf.get("license"):
         front["license"] = license_
+    if _is_hub_id(cfg.dataset.path):
+        front["datasets"] = [cfg.dataset.path]
+    model_name = hub_id or Path(cfg.model.name_or_path).name
     modules = selection["modules"]
     ranks = selection.get("ranks") or {}
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
-             f"# {Path(run_dir).name}: {cfg.model.name_or_path} fine-tuned with spectraqlora", "",
+             f"# {model_name} fine-tuned on {cfg.dataset.name} with spectraqlora", "",
              ("The LoRA adapter alone (peft, safetensors): load it over the base model, or serve "
               "several adapters over one base." if adapter_only else
               f"A standalone checkpoint: the LoRA adapter merged into the {base} base "
               f"({'its 4-bit weights dequantized, as training saw them' if base == 'dequantized' else 'full-precision weights'}); "
               f"loads with plain transformers, no peft or bitsandbytes."), "",
              "## Training", "",
-             f"- Base model: `{cfg.model.name_or_path}` ({cfg.model.task.value}), quantized "
-             f"`{cfg.quant.mode.value}` during training",
-             f"- Dataset: `{cfg.dataset.name}` (`{cfg.dataset.path}`), max_length {cfg.dataset.max_length}",
+             f"- Base model: `{model_name}` ({cfg.model.task.value}), quantized `{cfg.quant.mode.value}` "
+             f"during training" + (f"; its weights dequantized to float32 from the GGUF `{gguf['file']}` "
+                                   f"(sha256 {gguf['sha256'][:12]}), close to, not equal to, the original"
+                                   if gguf else ""),
+             f"- Dataset: `dataset={cfg.dataset.name}` ({_source(cfg.dataset.path)}), max_length {cfg.dataset.max_length}",
              f"- Selection: `{selection['strategy']}`, top_frac {selection['top_frac']}: "
              f"{len(modules)} adapted modules",
              f"- LoRA: r={cfg.lora.r}, alpha={cfg.lora.alpha}, dropout={cfg.lora.dropout}"
@@ -187,7 +208,8 @@ def model_card(cfg: TrainConfig, run_dir: Path, adapter_only: bool, base: str, c
               for k in metrics if k.startswith("eval_") and not k.endswith("_before")]
     if checks:
         lines += ["", f"Merged model, checked by `spectraqlora.export`: eval loss {checks['merged_eval_loss']:.6f} "
-                      f"(the run: {checks['run_eval_loss']:.6f}); largest logit difference from the "
+                      f"on {checks['loss_rows']} eval rows ({checks['reference']}: {checks['reference_eval_loss']:.6f}); "
+                      f"largest logit difference from the "
                       f"adapter on the 4-bit base over {checks['check_rows']} eval rows: {checks['max_logit_diff']:.3g}."]
     lines += ["", "## Adapted modules", "", "| module | type | SNR | rank |", "|---|---|---|---|"]
     for name in modules:
@@ -198,6 +220,41 @@ def model_card(cfg: TrainConfig, run_dir: Path, adapter_only: bool, base: str, c
     overrides = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text()) or []
     lines += ["", "## Reproduce", "", "```bash", " ".join(["python -m spectraqlora.train", *overrides]), "```", ""]
     return "\n".join(lines)
+
+
+def _is_hub_id(name: str) -> bool:
+    """`org/name` as the hub spells ids, not a path on this machine."""
+    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", name)) and not Path(name).exists()
+
+
+def _source(path: str) -> str:
+    """Where a dataset came from, said without this machine's paths: a package's file by its
+    package, a hub id as it is, a local file by its name."""
+    parts = Path(path).parts
+    if "site-packages" in parts:
+        return f"the file `{'/'.join(parts[parts.index('site-packages') + 1:])}` its package ships"
+    return f"`{path}`" if _is_hub_id(path) or path == "synthetic" else f"the local file `{Path(path).name}`"
+
+
+def _gguf_origin(checkpoint_dir: Path) -> dict:
+    """For a checkpoint converted from a GGUF (its gguf.json): the file's name and sha256, and
+    the license its metadata names (general.license)."""
+    from spectraqlora.checkpoint import GGUF_MARK
+
+    mark = checkpoint_dir / GGUF_MARK
+    if not mark.is_file():
+        return {}
+    done = rundir.read_json(mark)
+    origin = {"file": Path(done["gguf"]).name, "sha256": done["sha256"]}
+    try:
+        from gguf import GGUFReader
+
+        field = GGUFReader(done["gguf"]).fields.get("general.license")
+        if field is not None:
+            origin["license"] = bytes(field.parts[field.data[0]]).decode()
+    except (ImportError, OSError, ValueError):
+        pass  # the file moved or gguf is absent: the card goes without its license
+    return origin
 
 
 def _license(checkpoint_dir: Path) -> str | None:
@@ -216,10 +273,14 @@ def _license(checkpoint_dir: Path) -> str | None:
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="export")
-def main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> None:
     with exit_on_user_error():
         export_run(cfg.run_dir and Path(cfg.run_dir), cfg.out and Path(cfg.out), cfg.dtype, cfg.base,
-                   cfg.adapter_only, cfg.check_rows, cfg.allow_pickle)
+                   cfg.adapter_only, cfg.check_rows, cfg.allow_pickle, cfg.loss_rows)
+
+
+def main() -> None:
+    cli.run(hydra_main, "export")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,9 @@ does a model's own loss).
 - Classifiers on a padding-free batch (batching.py): the head's output is taken at each row's
   last token (the rightmost token that is not the pad token, as transformers' decoder
   classifiers pool a padded row), so each row gets its own logits.
+- Causal LMs scored like classifiers (scoring.single_token_classes): in evaluation, the logits at
+  each row's first answer position also rank the class names' tokens there, counted in
+  `correct` / `scored`: the accuracy without a second pass over the prompts.
 """
 from __future__ import annotations
 
@@ -47,6 +50,8 @@ class LabelLoss:
         self.keep_logits = task is Task.causal_lm and "logits_to_keep" in inspect.signature(hf_model.forward).parameters
         self._head_out: torch.Tensor | None = None
         self._ends: torch.Tensor | None = None
+        self.class_tokens: torch.Tensor | None = None  # set by training.build_trainer when they qualify
+        self.correct = self.scored = 0
         if task is Task.classification and flattened:
             hf_model.score.register_forward_hook(self._keep_head_output)
 
@@ -65,6 +70,15 @@ class LabelLoss:
             inputs = {**inputs, "logits_to_keep": target_positions(inputs["labels"])}
         return inputs
 
+    def _count_choices(self, logits: torch.Tensor, before: torch.Tensor, targets: torch.Tensor) -> None:
+        """Rows whose first answer token (a target after a non-target) is the class token the
+        logits there rank highest among the class tokens."""
+        first = (before == IGNORE_INDEX) & (targets != IGNORE_INDEX)
+        tokens = self.class_tokens.to(logits.device)
+        predicted = tokens[logits[first][:, tokens].argmax(-1)]
+        self.correct += int((predicted == targets[first].to(logits.device)).sum())
+        self.scored += int(first.sum())
+
     def __call__(self, outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
         if self.task is Task.causal_lm:
             keep = target_positions(labels)
@@ -72,6 +86,8 @@ class LabelLoss:
             if logits.shape[1] == labels.shape[1]:  # the model computed every position
                 logits = logits[:, keep]
             targets = labels[:, keep + 1]
+            if self.class_tokens is not None and not torch.is_grad_enabled():  # an evaluation
+                self._count_choices(logits, labels[:, keep], targets)
         else:
             if self.flattened:
                 outputs["logits"] = self._head_out[0, self._ends]  # one row of logits per row

@@ -1,6 +1,7 @@
 """Load the base model quantized by bitsandbytes and put LoRA adapters on exactly the selected modules."""
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -15,9 +16,11 @@ def device() -> torch.device:
 
 
 def load_tokenizer(path: Path, model: ModelConfig):
+    """The checkpoint's tokenizer, or model.tokenizer's (a random-init checkpoint saved its own)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model.trust_remote_code)
+    source = model.tokenizer if model.tokenizer and model.random_init is None else path
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=model.trust_remote_code)
     if tokenizer.pad_token is None:  # Llama and friends ship none; padding is masked anyway
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -64,6 +67,27 @@ def quant_storage(quant: QuantConfig, model: ModelConfig, fsdp: bool) -> str:
                         f"({storage}) must equal model.dtype ({model.dtype}); set "
                         f"quant.storage_dtype={model.dtype} or model.dtype={storage}")
     return storage
+
+
+def check_task(path: Path, model: ModelConfig) -> None:
+    """A checkpoint whose architecture transformers has no head for model.task is refused before
+    it loads (from its config.json's model_type), naming the tasks it has; checkpoints with their
+    own code (trust_remote_code) register their heads themselves and are not checked."""
+    from transformers.models.auto import modeling_auto as auto
+
+    by_task = {Task.classification: auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+             Task.causal_lm: auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+             Task.seq2seq: auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES}
+    try:
+        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError):
+        return  # transformers says what is wrong with the config when it loads it
+    if model.trust_remote_code or model_type is None or model_type in by_task[model.task]:
+        return
+    has = [task.value for task, names in by_task.items() if model_type in names]
+    raise UserError(f"model.task={model.task.value}: transformers has no {model.task.value} head for "
+                    f"{model_type} models ({model.name_or_path})"
+                    + (f"; this one has: model.task={' or '.join(has)}" if has else ""))
 
 
 def load_base(path: Path, model: ModelConfig, quant: QuantConfig, tokenizer, num_labels: int | None,

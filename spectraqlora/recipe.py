@@ -222,12 +222,13 @@ def fit(trainer, job: Plan, stopper) -> tuple[dict, dict, float]:
 def record(job: Plan, inputs, targets: list[str], trainable: int, result: dict, tel) -> None:
     """selection.json (with the base checkpoint's identity, which export checks), the W&B
     summary, and metrics.json last: it marks the run finished."""
+    from spectraqlora import data
     from spectraqlora.scan_cache import identity
 
     selection = job.selection
     rundir.write_json(job.run_dir / rundir.SELECTION, selection_record(
         job.cfg.selection, selection.chosen, lora_targets=targets, trainable_params=trainable,
         **({"ranks": selection.ranks} if selection.ranks else {}),
-        base={"path": str(inputs.path), "identity": identity(inputs.files)}))
+        base={"path": str(inputs.path), "identity": identity(inputs.files)}, data=data.identity(inputs.raw)))
     tel.summary(result)
     rundir.write_json(job.run_dir / rundir.METRICS, result)

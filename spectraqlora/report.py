@@ -6,8 +6,9 @@ metrics.json (unfinished, failed, pruned) are counted and skipped. Writes report
 report_metric_vs_{params,memory,step_time}.png into the dir and prints the tables.
 `--compare A:B` (repeatable) adds, for two settings run with the same seeds, the per-seed
 difference A - B of eval loss and accuracy: its mean and 95% Student-t interval over the seeds.
-`experiment=strategy_study` and `experiment=llm_study` run it at the end of their sweeps
-(ReportCallback, with their comparisons).
+Runs that evaluated at several steps (their metrics.jsonl) add the same comparison at every
+evaluated step, and report_curves.png (curves.py). `experiment=strategy_study`, `llm_study` and
+`llm_curve` run it at the end of their sweeps (ReportCallback, with their comparisons).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from pathlib import Path
 import yaml
 from hydra.experimental.callback import Callback
 
-from spectraqlora import rundir
+from spectraqlora import curves, rundir
 from spectraqlora.errors import UserError, exit_on_user_error
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ def collect(root: Path) -> tuple[list[dict], int]:
             continue
         overrides = dict(o.lstrip("+~").split("=", 1) for o in yaml.safe_load(overrides_file.read_text()) or [])
         selection = rundir.read_json(run / rundir.SELECTION)
-        rows.append({"run": str(run.relative_to(root)), "overrides": overrides,
+        rows.append({"run": str(run.relative_to(root)), "overrides": overrides, "curve": curves.evaluations(run),
                      "strategy": selection["strategy"], **rundir.read_json(run / rundir.METRICS)})
     return rows, unfinished
 
@@ -92,9 +93,9 @@ def paired_interval(diffs: list[float], confidence: float = 0.95) -> tuple[float
     return mean, float(stats.t.ppf((1 + confidence) / 2, len(diffs) - 1)) * statistics.stdev(diffs) / len(diffs) ** 0.5
 
 
-def compare(rows: list[dict], keys: list[str], pair: str, confidence: float = 0.95) -> list[dict]:
-    """`A:B`: per metric of COMPARED, the differences A - B between runs of the same seed, their
-    mean and its Student-t interval. A setting that no run has, or no seed in common, is an error."""
+def _pair(rows: list[dict], keys: list[str], pair: str) -> tuple[str, str, dict, list]:
+    """`A:B` -> A, B, {side: {seed: run}} and the seeds both ran. A setting that no run has, or no
+    seed in common, is an error."""
     a, sep, b = pair.partition(":")
     names = sorted({setting_name(r, keys) for r in rows})
     if not sep or a not in names or b not in names:
@@ -104,25 +105,53 @@ def compare(rows: list[dict], keys: list[str], pair: str, confidence: float = 0.
     seeds = sorted(set(by_seed[a]) & set(by_seed[b]), key=str)
     if not seeds:
         raise UserError(f"report compare {pair}: no seed was run for both {a} and {b}")
+    return a, b, by_seed, seeds
+
+
+def _interval(diffs: list[float], confidence: float, **what) -> dict:
+    mean, half = paired_interval(diffs, confidence)
+    return {**what, "n": len(diffs), "mean": mean, "low": mean - half, "high": mean + half, "diffs": diffs}
+
+
+def compare(rows: list[dict], keys: list[str], pair: str, confidence: float = 0.95) -> list[dict]:
+    """`A:B`: per metric of COMPARED, the differences A - B between runs of the same seed (their
+    final metrics), their mean and its Student-t interval."""
+    a, b, by_seed, seeds = _pair(rows, keys, pair)
     out = []
     for metric, title, fmt in COMPARED:
         diffs = [by_seed[a][s][metric] - by_seed[b][s][metric] for s in seeds
                  if metric in by_seed[a][s] and metric in by_seed[b][s]]
-        if not diffs:
-            continue
-        mean, half = paired_interval(diffs, confidence)
-        out.append({"a": a, "b": b, "metric": metric, "title": title, "fmt": fmt, "n": len(diffs),
-                    "mean": mean, "low": mean - half, "high": mean + half, "diffs": diffs})
+        if diffs:
+            out.append(_interval(diffs, confidence, a=a, b=b, metric=metric, title=title, fmt=fmt))
+    return out
+
+
+def compare_steps(rows: list[dict], keys: list[str], pair: str, confidence: float = 0.95) -> list[dict]:
+    """compare at every step where both settings evaluated for a seed (the runs' curves): one
+    result per metric and step, in step order."""
+    a, b, by_seed, seeds = _pair(rows, keys, pair)
+    out = []
+    for metric, title, fmt in COMPARED:
+        runs = [(by_seed[a][s]["curve"], by_seed[b][s]["curve"]) for s in seeds]
+        for step in sorted({step for ca, _ in runs for step in ca}):
+            diffs = [ca[step][metric] - cb[step][metric] for ca, cb in runs
+                     if metric in ca.get(step, {}) and metric in cb.get(step, {})]
+            if diffs:
+                out.append(_interval(diffs, confidence, a=a, b=b, metric=metric, title=title, fmt=fmt, step=step))
     return out
 
 
 def comparison_markdown(results: list[dict]) -> str:
-    lines = ["| A - B | metric | seeds | mean difference | 95% interval | per seed |", "|---|---|---|---|---|---|"]
+    at_steps = any("step" in r for r in results)
+    step = ["step"] if at_steps else []
+    lines = ["| " + " | ".join(["A - B", "metric", *step, "seeds", "mean difference", "95% interval", "per seed"]) + " |",
+             "|" + "---|" * (6 + len(step))]
     for r in results:
         interval = "n/a (one seed)" if r["n"] < 2 else \
             f"[{r['fmt'].format(r['low'])}, {r['fmt'].format(r['high'])}]"
-        lines.append(f"| {r['a']} - {r['b']} | {r['title']} | {r['n']} | {r['fmt'].format(r['mean'])} | {interval} | "
-                     + " ".join(r["fmt"].format(d) for d in r["diffs"]) + " |")
+        cells = [f"{r['a']} - {r['b']}", r["title"], *([str(r["step"])] if at_steps else []), str(r["n"]),
+                 r["fmt"].format(r["mean"]), interval, " ".join(r["fmt"].format(d) for d in r["diffs"])]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -212,18 +241,30 @@ def write_report(root: Path, comparisons: list[str] = ()) -> str:
         paired = comparison_markdown([r for pair in comparisons for r in compare(rows, keys, pair)])
         text += ("\n\nPaired by seed (same data order and initialisation): the difference A - B per "
                  "seed, its mean and 95% Student-t interval over the seeds.\n\n" + paired)
+    images = []
+    if curves.has_curves(rows):
+        steps = [r for pair in comparisons for r in compare_steps(rows, keys, pair)]
+        if steps:
+            text += ("\n\nThe same pairs at every evaluated step (each run's metrics.jsonl):\n\n"
+                     + comparison_markdown(steps))
+        by_setting: dict[str, list[dict]] = {}
+        for row in rows:
+            by_setting.setdefault(setting_name(row, keys) or row["strategy"], []).append(row["curve"])
+        curves.plot(by_setting, steps, root / curves.PLOT)
+        images.append(("learning curves", curves.PLOT))
     plots = [(metric, label, name) for metric, label, name in [
         ("trainable_params", "trainable parameters", "params"), ("peak_mem_gb", "peak memory (GB)", "memory"),
         ("step_time_s", "step time (s)", "step_time")] if any(metric in e for e in table)]
     for metric, label, name in plots:
         plot(table, keys, metric, label, root / f"report_metric_vs_{name}.png")
+        images.append((f"metric vs {label}", f"report_metric_vs_{name}.png"))
     rundir.write_text(root / REPORT, "\n".join([
         f"# Report: {root}", "",
         f"{len(rows)} finished runs ({unfinished} unfinished skipped); mean ± std over the runs "
         f"of each setting (seeds); bold: the lowest eval loss.", "", text, "",
-        *(f"![metric vs {label}](report_metric_vs_{name}.png)" for _, label, name in plots), ""]))
+        *(f"![{alt}]({name})" for alt, name in images), ""]))
     return (f"{len(rows)} finished runs, {unfinished} unfinished skipped; written: {root / REPORT}"
-            + "".join(f", report_metric_vs_{name}.png" for _, _, name in plots) + f"\n{text}")
+            + "".join(f", {name}" for _, name in images) + f"\n{text}")
 
 
 class ReportCallback(Callback):

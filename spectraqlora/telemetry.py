@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import sys
 import uuid
 from pathlib import Path
@@ -55,20 +56,53 @@ class _Once(logging.Filter):
         return True
 
 
+class _LibraryNotes(logging.Filter):
+    """Library warnings a run's log should carry as one plain line, or not at all:
+    bitsandbytes' note that the hub's optional CPU kernel (package `kernels`) is absent, said once
+    as what it means; transformers' load report, without its ANSI bold codes, and dropped when
+    all it says is that the new classification head is not in the checkpoint (it is trained
+    whole: the run says so)."""
+
+    said: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "gemm_4bit_forward from kernels-community" in message:
+            if "kernels" in self.said:
+                return False
+            self.said.add("kernels")
+            record.msg, record.args = ("bitsandbytes: the CPU 4-bit kernel from the package, not the hub's "
+                                       "optional one (pip install kernels)"), ()
+            return True
+        if "LOAD REPORT" in message:
+            plain = re.sub(r"\x1b\[[0-9;]*m", "", message)
+            rows = [line.split("|") for line in plain.splitlines() if line.count("|") >= 2]
+            statuses = [(r[0].strip(), r[1].strip()) for r in rows[1:]]  # rows[0]: the header
+            from spectraqlora.modeling import NEW_HEADS
+
+            if statuses and all(status == "MISSING" and key.split(".")[0] in NEW_HEADS for key, status in statuses):
+                return False
+            record.msg, record.args = plain, ()
+        return True
+
+
 # Libraries' loggers that repeat one warning per forward pass (quant=int8: 672 casts in 20 steps)
 _REPEATERS = ("bitsandbytes.autograd._functions",)
+_NOTES = ("bitsandbytes.backends.cpu.ops", "transformers.modeling_utils")  # _LibraryNotes
 
 
 def quiet_libraries() -> None:
     """Library noise a user cannot act on, said once or not at all: bitsandbytes' per-call cast
-    warning once; FutureWarnings about transformers/peft internals that spectraqlora calls, not
-    the user, not at all."""
+    warning once; its kernel note and transformers' load report as _LibraryNotes says;
+    FutureWarnings about transformers/peft internals that spectraqlora calls, not the user, not
+    at all."""
     import warnings
 
-    for name in _REPEATERS:
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, _Once) for f in logger.filters):
-            logger.addFilter(_Once())
+    for names, kind in ((_REPEATERS, _Once), (_NOTES, _LibraryNotes)):
+        for name in names:
+            logger = logging.getLogger(name)
+            if not any(isinstance(f, kind) for f in logger.filters):
+                logger.addFilter(kind())
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)(\.|$)")
 
 

@@ -17,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from spectraqlora import recipe, rundir
+from spectraqlora import cli, recipe, rundir
 from spectraqlora.config import CONF_DIR, to_train_config
 from spectraqlora.distributed import Launch, MainProcessFailed
 from spectraqlora.errors import Interrupted, UserError, exit_on_user_error
@@ -41,7 +41,7 @@ def main() -> None:
             except MainProcessFailed:  # the main process has said why
                 sys.exit(1)
             return
-    hydra_main()
+    cli.run(hydra_main, "train")
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")

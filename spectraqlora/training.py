@@ -30,7 +30,8 @@ def training_arguments(cfg: TrainConfig, run_dir: Path, fsdp: bool = False,
     eval_steps, save_steps = knobs.pop("eval_steps"), knobs.pop("save_steps")
     # spectraqlora's own knobs; checkpointing is set up on the model (modeling.py), not by the
     # Trainer, which would turn on input gradients
-    for own in ("gradient_checkpointing", "resume", "on_nonfinite_loss", "keep_checkpoints", "eval_before"):
+    for own in ("gradient_checkpointing", "resume", "on_nonfinite_loss", "keep_checkpoints", "eval_before",
+                "eval_rows"):
         knobs.pop(own)
     return TrainingArguments(
         output_dir=str(run_dir / rundir.CHECKPOINTS),
@@ -87,9 +88,15 @@ class Trainer(transformers.Trainer):
 
     def evaluation_loop(self, dataloader, *args, **kwargs):
         began = time.perf_counter()
+        counter = self.compute_loss_func if isinstance(self.compute_loss_func, losses.LabelLoss) else None
+        if counter is not None:
+            counter.correct = counter.scored = 0
         out = super().evaluation_loop(dataloader, *args, **kwargs)
         prefix = kwargs.get("metric_key_prefix", "eval")
-        if self.choices is not None:
+        if self.choices is not None and counter is not None and counter.class_tokens is not None \
+                and self.args.world_size == 1 and counter.scored == len(self.choices.gold):
+            out.metrics[f"{prefix}_accuracy"] = counter.correct / counter.scored  # ranked in the loss pass
+        elif self.choices is not None:
             # under FSDP only the wrapped model holds whole weights; every rank scores alike
             net = self.model_wrapped if self.is_fsdp_enabled else self.model
             with self.autocast_smart_context_manager():
@@ -287,13 +294,17 @@ def build_trainer(net, tokenized, tokenizer, cfg: TrainConfig, run_dir: Path, ca
     mode = batching.resolve(cfg.dataset.batching, hf_model, task, cfg.dataset.packing)
     if mode is Batching.padding_free:
         batching.attend_per_row(hf_model)
+    loss = None if task is Task.seq2seq else losses.LabelLoss(task, hf_model, mode is Batching.padding_free)
+    if loss is not None and choices is not None:
+        tokens = scoring.single_token_classes(choices, len(tokenized["eval"]))
+        loss.class_tokens = None if tokens is None else torch.tensor(tokens)
     trainer = Trainer(
         model=net,
         args=training_arguments(cfg, run_dir, fsdp, grouped=mode is Batching.grouped),
-        train_dataset=tokenized["train"],
+        train_dataset=tokenized.get("train"),  # None: evaluation only
         eval_dataset=tokenized["eval"],
         data_collator=batching.collator(tokenizer, task, mode),
-        compute_loss_func=None if task is Task.seq2seq else losses.LabelLoss(task, hf_model, mode is Batching.padding_free),
+        compute_loss_func=loss,
         processing_class=tokenizer,
         compute_metrics=accuracy if cfg.model.task is Task.classification else None,
         on_nonfinite_loss=cfg.trainer.on_nonfinite_loss,

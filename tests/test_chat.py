@@ -107,6 +107,10 @@ def test_chitchat_conversations_as_chat_messages():
     with pytest.raises(UserError, match="dataset=chitchat holds chat messages .*: it trains causal LMs, "
                                         "not model.task=classification"):
         data.load(cfg, Task.classification, seed=0)
+    too_many = to_train_config(compose("model=smollm2", "dataset=chitchat", "dataset.eval_size=5000")).dataset
+    with pytest.raises(UserError, match=r"^dataset.eval_size=5000 but dataset=chitchat has 4,018 rows: "
+                                        r"give dataset.eval_size<=4017"):  # was datasets' ValueError traceback
+        data.load(too_many, Task.causal_lm, seed=0)
 
 
 @pytest.mark.slow
@@ -128,6 +132,11 @@ def test_a_causal_lm_scores_each_class_name_like_a_classifier(smollm2, tokenizer
     _, kinds = chat.render_chat(tokenizer, data._messages(rows["eval"][0], cfg, " money-fx"), 1000)
     assert kinds.count(REPLY) > 1
     assert len(choices.inputs) == 4 * 2  # per row: the prompt, and the prompt + money-fx but its last token
+    assert scoring.single_token_classes(choices, 4) is None  # money-fx: the loss pass cannot rank it
+    two = scoring.label_choices(data.DatasetDict(train=rows["train"], eval=sources.labeled_rows(
+        texts, [0, 1, 0, 1], names[:2])), tokenizer, cfg, Task.causal_lm)
+    tokens = scoring.single_token_classes(two, 4)
+    assert [tokenizer.decode([t]).strip() for t in tokens] == ["negative", "positive"]
     model = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
     expected = torch.zeros(4, 3, dtype=torch.float64)
     with torch.no_grad():

@@ -31,6 +31,9 @@ def test_default_job_trains_minilm_to_090_and_evaluate_reproduces_it(default_run
     assert "selected 6 of 36 modules (spectrum)" in out
     assert "trainer=small: the preset model=minilm picks (learning_rate=0.002)" in out  # said, not silent
     assert "before training: loss=" in out and "accuracy=" in out
+    # piped output is plain lines: no ANSI codes, no load report for the new head, bitsandbytes' note once
+    assert "\x1b" not in out and "LOAD REPORT" not in out and "kernels-community" not in out
+    assert out.count("bitsandbytes: the CPU 4-bit kernel from the package") <= 1
     metrics = finished(run_dir)
     assert metrics["eval_accuracy"] >= 0.90
     assert metrics["eval_loss"] < metrics["eval_loss_before"]
@@ -76,15 +79,47 @@ def test_tiny_llama_causal_lm_smoke_learns_and_reproduces(smoke_run):
 
 
 @pytest.mark.slow
+@pytest.mark.slow
+def test_evaluate_refuses_data_that_changed_since_the_run(smoke_run, tmp_path):
+    """A file edited after the run gave evaluate another eval split (75 rows, not 100), reported as
+    the run's evaluation. The run records its rows (selection.json); evaluate compares."""
+    import shutil
+
+    from spectraqlora.errors import UserError
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(smoke_run[0], run_dir)
+    (run_dir / "eval_metrics.json").unlink(missing_ok=True)  # another test's evaluation of the shared run
+    selection = json.loads((run_dir / "selection.json").read_text())
+    assert set(selection["data"]) == {"train_rows", "eval_rows", "eval_sha256"}
+    recorded_rows = selection["data"]["eval_rows"]
+    selection["data"].update(eval_rows=recorded_rows + 25, eval_sha256="0" * 64)  # as if the file had changed
+    (run_dir / "selection.json").write_text(json.dumps(selection))
+    with pytest.raises(UserError, match=rf"^the data differ from what the run trained and evaluated on \(eval rows: "
+                                        rf"{recorded_rows + 25} -> {recorded_rows}; eval sha256: 0000"):
+        evaluate_run(run_dir)
+    assert not (run_dir / "eval_metrics.json").exists()
+    assert evaluate_run(run_dir, force=True)["eval_loss"] > 0  # force: evaluated, with a warning
+
+
 @pytest.mark.parametrize("args, message", [
     ([], "error: which run? python -m spectraqlora.evaluate run_dir=<finished run dir>"),
     (["run_dir=outputs/nope"], "error: run_dir=outputs/nope: no such directory"),
+    (["rundir=outputs/nope"], "error: unknown key rundir: did you mean run_dir? (the keys of the top level are: "
+                              "run_dir, allow_pickle, force)"),  # Hydra's multi-line report before
 ])
 def test_evaluate_without_a_run_is_one_line_and_creates_nothing(tmp_path, args, message):
     result = run_cli("evaluate", *args, cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [message + (" (e.g. outputs/<date>/<time>)" if not args else "")]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_export_keys_typed_as_other_tools_name_them_get_ours(tmp_path):
+    result = run_cli("export", "output=merged", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: unknown key output: did you mean out? (the keys "
+                                                             "of the top level are: run_dir, out,")
 
 
 @pytest.mark.slow
@@ -96,14 +131,23 @@ def test_evaluate_help_names_only_its_own_keys(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("overrides, message", [
-    (["model=llama3", "selection.top_frac=0.25"],
-     "model 'meta-llama/Meta-Llama-3-8B' is neither in the local Hugging Face cache nor reachable"),
+    (["model=llama3", "selection.top_frac=0.25"],  # the README's usage line, offline
+     "download it where the hub answers, or set model.name_or_path=<local checkpoint dir>; it is gated: accept "
+     "its licence on https://huggingface.co/meta-llama/Meta-Llama-3-8B and give a token (HF_TOKEN=... or "
+     "`hf auth login`)"),
     (["selection.top_frac=1.5"], "selection.top_frac=1.5 is out of range"),
     (["lora.r=0"], "lora.r=0 is out of range"),
     (["model.name_or_path=/no/such/dir"], "model.name_or_path=/no/such/dir: no such directory"),
-    (["selection.top_frac=abc"], "could not be converted to Float"),
-    (["selection.topfrac=0.3"], "topfrac"),
-    (["quant=nf5"], "Could not find 'quant/nf5'"),
+    # Hydra's own refusals, as one line with the nearest key or option (they were Hydra's report, exit 1)
+    (["selection.top_frac=abc"], "error: Error merging override selection.top_frac=abc: Value 'abc' of type 'str' "
+                                 "could not be converted to Float"),
+    (["trainer.lr=1e-3"], "error: unknown key trainer.lr: did you mean trainer.learning_rate? (the keys of trainer "
+                          "are: max_steps,"),
+    (["quant=nf5"], "error: quant=nf5: no such option; did you mean quant=nf4? (the options of quant are: fp4, int8, "
+                    "nf4, none)"),
+    (["selection.strategy=foo"], "error: Error merging override selection.strategy=foo: Invalid value 'foo', expected "
+                                 "one of [spectrum, spectrum_global, snr_cutoff, kappa, kappa_per_type, alpha,"),
+    (["dataset=file"], "error: dataset.path is not set: which file? give dataset.path="),  # trained on synthetic rows
     (["hparams_search=snr_rank", "lora.r=8"],  # ran one plain training job and exited 0
      "error: hparams_search=snr_rank configures a sweep, which runs with -m: python -m spectraqlora.train -m "
      "hparams_search=snr_rank lora.r=8"),
@@ -111,10 +155,27 @@ def test_evaluate_help_names_only_its_own_keys(tmp_path):
 def test_bad_input_gets_one_clear_line_and_no_finished_run(tmp_path, overrides, message):
     run_dir = tmp_path / "run"
     result = run_cli("train", *overrides, f"hydra.run.dir={run_dir}", cwd=tmp_path)
-    assert result.returncode != 0
-    assert message in result.stderr
+    assert result.returncode == 2
+    assert message in result.stderr.strip().splitlines()[-1]  # one line, the last
     assert "Traceback" not in result.stderr
     assert not (run_dir / "metrics.json").exists()
+
+
+def test_a_run_or_sweep_dir_that_cannot_be_made_is_one_line(tmp_path):
+    """Hydra's FileExistsError traceback (exit 1) for a path that is a file; /proc takes no dirs."""
+    taken = tmp_path / "afile"
+    taken.write_text("x")
+    for args, line in [([f"hydra.run.dir={taken}"], f"error: hydra.run.dir={taken} is a file, not a directory: "
+                                                   f"give another hydra.run.dir"),
+                       (["hydra.run.dir=/proc/spectraqlora-run"], "error: hydra.run.dir=/proc/spectraqlora-run cannot "
+                                                                 "be created (No such file or directory): give a "
+                                                                 "writable hydra.run.dir"),
+                       (["-m", f"hydra.sweep.dir={taken}"], f"error: hydra.sweep.dir={taken} is a file, not a "
+                                                          f"directory: give another hydra.sweep.dir")]:
+        result = run_cli("train", *args, cwd=tmp_path)
+        assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == line, result.stderr[-2000:]
+        assert "Traceback" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
 
 
 def checksums(run_dir) -> dict:

@@ -97,6 +97,14 @@ def test_every_shipped_option_composes_and_validates(group, option):
 
 
 
+def test_a_file_dataset_without_its_path_is_asked_for():
+    """dataset=file's `path: ???` once merged over the schema's default and trained on the
+    synthetic data, exit 0; the schema has no default path now."""
+    with pytest.raises(UserError, match=r"^dataset.path is not set: which file\? give dataset.path=<data.jsonl"):
+        to_train_config(compose("dataset=file"))
+    assert to_train_config(compose("dataset=file", "dataset.path=rows.jsonl")).dataset.path == "rows.jsonl"
+
+
 @pytest.mark.parametrize("override, message", [
     ("+lora.rank=16", "unknown key lora.rank: did you mean lora.r?"),
     ("++lora.rank=16", "unknown key lora.rank: did you mean lora.r?"),
@@ -152,3 +160,18 @@ def test_the_scheduler_names_are_transformers_own():
     for ok in ("scan.device=cuda:1", "trainer.max_grad_norm=0", "seed=0", "trainer.lr_scheduler_type=cosine"):
         to_train_config(compose(ok))
 
+
+
+def test_ctrl_c_in_a_multirun_is_one_line_with_how_to_go_on(capsys):
+    """A KeyboardInterrupt out of a sweep was a traceback; a single run says its own line."""
+    from spectraqlora import cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as caught:
+        cli.run(interrupted, "train")
+    assert caught.value.code == 130
+    line = capsys.readouterr().err.strip().splitlines()
+    assert len(line) == 1 and line[0].startswith("error: stopped by SIGINT: finished runs keep their dirs")
+    assert "the same command with that hydra.sweep.dir (or the same hydra.sweeper.storage) continues it" in line[0]

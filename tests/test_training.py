@@ -72,3 +72,22 @@ def test_minilm_losses_are_pinned(tmp_path):
     assert metrics["eval_loss_before"] == pytest.approx(0.690345, abs=1e-4)
     assert metrics["eval_loss"] == pytest.approx(0.689287, abs=2e-4)
     assert metrics["eval_accuracy"] == pytest.approx(0.53125)
+
+
+def test_single_token_class_names_are_ranked_in_the_eval_loss_pass(tmp_path):
+    """A causal LM on labeled data: with one-token class names the eval loss pass itself ranks
+    them at each row's first answer token (no second pass over the prompts), and the accuracy is
+    the one choice_scores' own pass gives."""
+    from spectraqlora import build, scoring, training
+
+    cfg = to_train_config(compose("model=tiny_llama", "quant=none", "trainer=smoke", "dataset.eval_size=48",
+                                  "dataset.train_size=64"))
+    inputs = build.load_inputs(cfg)
+    tokenized, choices = inputs.tokenized(cfg)
+    assert scoring.single_token_classes(choices, len(tokenized["eval"])) is not None
+    assert scoring.single_token_classes(choices, len(tokenized["eval"]) + 1) is None  # a row left unscored
+    net = build.base_model(inputs, cfg)
+    trainer = training.build_trainer(net, tokenized, inputs.tokenizer, cfg, tmp_path, choices=choices)
+    accuracy = training.evaluate(trainer, cfg.model.task)["eval_accuracy"]
+    assert trainer.compute_loss_func.scored == len(choices.gold) == 32  # trainer=smoke: eval_rows 32 of 48
+    assert accuracy == pytest.approx(scoring.choice_accuracy(net, choices, 8, inputs.tokenizer.pad_token_id, "cpu"))
