@@ -73,6 +73,7 @@ class _LibraryNotes(logging.Filter):
             self.said.add("kernels")
             record.msg, record.args = ("bitsandbytes: the CPU 4-bit kernel from the package, not the hub's "
                                        "optional one (pip install kernels)"), ()
+            record.levelno, record.levelname = logging.INFO, "INFO"  # a note, nothing to fix
             return True
         if "LOAD REPORT" in message:
             plain = re.sub(r"\x1b\[[0-9;]*m", "", message)
