@@ -245,8 +245,9 @@ def write_report(root: Path, comparisons: list[str] = ()) -> str:
     if curves.has_curves(rows):
         steps = [r for pair in comparisons for r in compare_steps(rows, keys, pair)]
         if steps:
-            text += ("\n\nThe same pairs at every evaluated step (each run's metrics.jsonl):\n\n"
-                     + comparison_markdown(steps))
+            text += (f"\n\nThe same pairs at every evaluated step (each run's metrics.jsonl). {len(steps)} intervals: "
+                     f"at 95% about one in twenty excludes 0 by chance alone, so a single one that does is no "
+                     f"finding.\n\n" + comparison_markdown(steps))
         by_setting: dict[str, list[dict]] = {}
         for row in rows:
             by_setting.setdefault(setting_name(row, keys) or row["strategy"], []).append(row["curve"])

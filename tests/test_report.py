@@ -73,6 +73,7 @@ def test_curves_compare_the_settings_at_every_evaluated_step(tmp_path):
     assert "| a - b | eval loss | 20 | 3 | -0.2000 | [-0.4484, +0.0484] |" in printed
     assert "| a - b | accuracy | 10 | 3 | +0.2000 | [-0.0484, +0.4484] |" in printed
     assert "| a - b | eval loss | 5 |" not in printed  # a training line is no evaluation
+    assert "4 intervals: at 95% about one in twenty excludes 0 by chance alone" in printed
     assert (tmp_path / "report_curves.png").stat().st_size > 5000
     assert "![learning curves](report_curves.png)" in (tmp_path / "report.md").read_text()
 
