@@ -7,9 +7,10 @@ import json
 import statistics
 from pathlib import Path
 
+from spectraqlora.metrics import TRAINER_KEYS
 from spectraqlora.telemetry import JSONL
 
-LOGGED = {"eval_loss": "eval/loss", "eval_accuracy": "eval/accuracy"}  # metrics.json key -> logged name
+LOGGED = {key: TRAINER_KEYS[key] for key in ("eval_loss", "eval_accuracy")}  # metrics.json key -> logged name
 PLOT = "report_curves.png"
 
 
@@ -77,7 +78,14 @@ def plot(curves: dict[str, list[dict]], differences: list[dict], path: Path, met
             ax.grid(alpha=0.3)
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=8)
-        tmp = path.with_name(f".{path.name}.tmp.png")
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        plt.close(fig)
+        save(fig, path)
+
+
+def save(fig, path: Path) -> None:
+    """A figure written beside path and renamed into place: a reader never sees half a PNG."""
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    plt.close(fig)
     tmp.replace(path)

@@ -221,10 +221,7 @@ def plot(table: list[dict], keys: list[str], x: str, xlabel: str, path: Path) ->
         ax.set(xlabel=xlabel, ylabel=metric.replace("_", " "), title=f"{metric.replace('_', ' ')} vs {xlabel}")
         ax.grid(alpha=0.3, which="both")
         ax.legend()
-        tmp = path.with_name(f".{path.name}.tmp.png")
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        plt.close(fig)
-    tmp.replace(path)
+        curves.save(fig, path)
 
 
 def write_report(root: Path, comparisons: list[str] = ()) -> str:
