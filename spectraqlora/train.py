@@ -87,16 +87,6 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt(signum)
 
 
-def typed_eval_size_wins(overrides: list[str], cfg: DictConfig) -> None:
-    """A preset's trainer.eval_rows (trainer=smoke: 32) never cuts a dataset.eval_size typed on the
-    command line: the evaluations then read all of the rows asked for (said in one line)."""
-    typed = {o.split("=")[0].lstrip("+~") for o in overrides}
-    if "dataset.eval_size" in typed and "trainer.eval_rows" not in typed and cfg.trainer.get("eval_rows") is not None:
-        log.info("dataset.eval_size=%s typed: evaluations read all of those rows, not the trainer preset's "
-                 "eval_rows=%s", cfg.dataset.eval_size, cfg.trainer.eval_rows)
-        cfg.trainer.eval_rows = None
-
-
 def resume_command(hydra_cfg, run_dir: Path) -> str:
     """The command line that continues this run: its overrides, its run dir, trainer.resume."""
     own = ("hydra.run.dir", "trainer.resume")
@@ -121,7 +111,6 @@ def job(cfg: DictConfig, hydra_cfg, run_dir: Path, single: bool) -> recipe.Plan:
     if hydra_cfg.runtime.choices.get("hparams_search") and hydra_cfg.mode is not RunMode.MULTIRUN:
         raise UserError(f"hparams_search={hydra_cfg.runtime.choices['hparams_search']} configures a sweep, "
                         f"which runs with -m: python -m spectraqlora.train -m {shlex.join(hydra_cfg.overrides.task)}")
-    typed_eval_size_wins(hydra_cfg.overrides.task, cfg)
     train_cfg = to_train_config(cfg)
     say_model_preset(hydra_cfg, train_cfg)
     record = {"config.yaml": OmegaConf.to_yaml(cfg), "hydra.yaml": OmegaConf.to_yaml(OmegaConf.create({"hydra": hydra_cfg})),

@@ -176,19 +176,3 @@ def test_ctrl_c_in_a_multirun_is_one_line_with_how_to_go_on(capsys):
     assert len(line) == 1 and line[0].startswith("error: stopped by SIGINT: finished runs keep their dirs")
     assert "the same command with that hydra.sweep.dir (or the same hydra.sweeper.storage) continues it" in line[0]
 
-
-def test_a_typed_eval_size_is_not_cut_by_the_smoke_presets_eval_rows():
-    """`trainer=smoke dataset.eval_size=64` evaluated 32 rows: the preset won over what was typed."""
-    from spectraqlora.train import typed_eval_size_wins
-
-    typed = ["trainer=smoke", "dataset.eval_size=64"]
-    cfg = compose(*typed)
-    typed_eval_size_wins(typed, cfg)
-    assert to_train_config(cfg).trainer.eval_rows is None
-    both = ["trainer=smoke", "dataset.eval_size=64", "trainer.eval_rows=16"]
-    cfg = compose(*both)
-    typed_eval_size_wins(both, cfg)
-    assert to_train_config(cfg).trainer.eval_rows == 16  # typed too: kept
-    cfg = compose("trainer=smoke")
-    typed_eval_size_wins(["trainer=smoke"], cfg)
-    assert to_train_config(cfg).trainer.eval_rows == 32
