@@ -31,6 +31,14 @@ def test_groups_and_keys_compose():
     assert cfg.trainer.max_steps == 20
 
 
+def test_smoke_holds_out_32_rows_after_the_dataset_preset_and_a_typed_eval_size_wins():
+    assert to_train_config(compose("trainer=smoke")).dataset.eval_size == 32
+    assert to_train_config(compose("dataset=rotten_tomatoes", "trainer=smoke")).dataset.eval_size == 32
+    typed = to_train_config(compose("trainer=smoke", "dataset.eval_size=64"))
+    assert (typed.dataset.eval_size, typed.trainer.eval_rows) == (64, None)  # read whole: nothing cuts it
+    assert to_train_config(compose("dataset=rotten_tomatoes")).dataset.eval_size == 500
+
+
 def test_small_models_pick_the_small_trainer_but_the_command_line_wins():
     assert to_train_config(compose()).trainer.learning_rate == 2e-3
     assert to_train_config(compose("model=llama3")).trainer.learning_rate == 2e-4
@@ -175,4 +183,3 @@ def test_ctrl_c_in_a_multirun_is_one_line_with_how_to_go_on(capsys):
     line = capsys.readouterr().err.strip().splitlines()
     assert len(line) == 1 and line[0].startswith("error: stopped by SIGINT: finished runs keep their dirs")
     assert "the same command with that hydra.sweep.dir (or the same hydra.sweeper.storage) continues it" in line[0]
-

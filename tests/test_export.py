@@ -70,7 +70,7 @@ def test_a_merged_run_loads_without_peft_and_reproduces_its_eval_loss(which, req
     if which == "default_run":  # loss_rows=64 of its 256 eval rows: both models on the same rows
         assert checks["loss_rows"] == 64 and checks["reference"] == "the adapter on the 4-bit base"
         assert checks["merged_eval_loss"] == pytest.approx(checks["reference_eval_loss"], rel=1e-3)
-    else:  # trainer=smoke evaluates 32 rows (trainer.eval_rows): all of them, against the run's own loss
+    else:  # trainer=smoke holds out 32 rows: all of them, against the run's own loss
         assert checks["loss_rows"] == 32 and checks["reference"] == "the run's eval loss"
         assert checks["merged_eval_loss"] == pytest.approx(recorded, rel=1e-3)
     assert checks["max_logit_diff"] < 1e-3 * max(1.0, abs(recorded))

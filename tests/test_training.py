@@ -81,7 +81,7 @@ def test_single_token_class_names_are_ranked_in_the_eval_loss_pass(tmp_path):
     from spectraqlora import build, scoring, training
 
     cfg = to_train_config(compose("model=tiny_llama", "quant=none", "trainer=smoke", "dataset.eval_size=48",
-                                  "dataset.train_size=64"))
+                                  "trainer.eval_rows=32", "dataset.train_size=64"))
     inputs = build.load_inputs(cfg)
     tokenized, choices = inputs.tokenized(cfg)
     assert scoring.single_token_classes(choices, len(tokenized["eval"])) is not None
@@ -89,5 +89,5 @@ def test_single_token_class_names_are_ranked_in_the_eval_loss_pass(tmp_path):
     net = build.base_model(inputs, cfg)
     trainer = training.build_trainer(net, tokenized, inputs.tokenizer, cfg, tmp_path, choices=choices)
     accuracy = training.evaluate(trainer, cfg.model.task)["eval_accuracy"]
-    assert trainer.compute_loss_func.scored == len(choices.gold) == 32  # trainer=smoke: eval_rows 32 of 48
+    assert trainer.compute_loss_func.scored == len(choices.gold) == 32  # trainer.eval_rows: 32 of the 48 held out
     assert accuracy == pytest.approx(scoring.choice_accuracy(net, choices, 8, inputs.tokenizer.pad_token_id, "cpu"))
