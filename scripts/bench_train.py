@@ -125,6 +125,8 @@ class Bench:
                 self.net, _ = build.new_model(shared.inputs, self.cfg, Selection(table, chosen))
             hf_model = scoring.hf_model(self.net)
             mode = batching.resolve(self.cfg.dataset.batching, hf_model, task, self.cfg.dataset.packing)
+            if mode is Batching.padding_free:  # as training.build_trainer does
+                batching.attend_per_row(hf_model)
             self.loss = losses.LabelLoss(task, hf_model, mode is Batching.padding_free)
         self.collate = batching.collator(shared.inputs.tokenizer, task, mode)
         self.optim = torch.optim.AdamW([p for p in self.net.parameters() if p.requires_grad], lr=1e-4)
@@ -134,7 +136,7 @@ class Bench:
                       "lowest_layer": min((int(c.split(".")[2]) for c in chosen), default=None)}
 
     def _loss(self, batch: dict):
-        batch = {k: v.to(self.device) for k, v in batch.items()}
+        batch = {k: v.to(self.device) if hasattr(v, "to") else v for k, v in batch.items()}  # max_length_q: an int
         if self.loss is None:
             return self.net(**batch).loss
         inputs = self.loss.model_inputs(batch)
