@@ -102,11 +102,11 @@ def knob(default=MISSING, help: str = "", check=None, accepted: str = "", factor
     return field(default=default, metadata=metadata)
 
 
-def _positive(what: str = "integer"):
+def positive(what: str = "integer"):
     return {"check": lambda v: v > 0, "accepted": f"a positive {what}"}
 
 
-def _optional_positive():
+def optional_positive():
     return {"check": lambda v: v is None or v > 0, "accepted": "a positive integer or null"}
 
 
@@ -160,9 +160,9 @@ class DatasetConfig:
         check=lambda v: v.lower() in ("auto", "true", "false"), accepted="one of auto, true, false")
     train_split: str = knob("train", "the source's training split")
     eval_split: Optional[str] = knob(None, "a split of the source for evaluation; null: eval_size rows held out of train")
-    eval_size: int = knob(256, "rows held out for evaluation", **_positive())
-    train_size: Optional[int] = knob(None, "synthetic: rows generated; others: a cap (null = all)", **_optional_positive())
-    max_length: int = knob(128, "tokens per row (longer rows are cut)", **_positive())
+    eval_size: int = knob(256, "rows held out for evaluation", **positive())
+    train_size: Optional[int] = knob(None, "synthetic: rows generated; others: a cap (null = all)", **optional_positive())
+    max_length: int = knob(128, "tokens per row (longer rows are cut)", **positive())
     packing: bool = knob(False, "causal LMs: concatenate rows into blocks of max_length (no padding); "
                                 "prompts stay masked; attention spans row boundaries")
     batching: Batching = knob(
@@ -186,12 +186,12 @@ class SelectionConfig:
     snr_cutoff: float = knob(0.0, "snr_cutoff: every module with SNR >= this")
     layers: Optional[List[int]] = knob(None, "layers: these layer indices (negative counts from the end)")
     last_k: Optional[int] = knob(None, "layers: the last k layers (neither: the last top_frac of them)",
-                                 **_optional_positive())
+                                 **optional_positive())
     alpha_order: AlphaOrder = knob(AlphaOrder.high_first,
                                    "alpha: high_first (AlphaLoRA: the least heavy-tailed, least-trained "
                                    "layers) or low_first (the most heavy-tailed)")
     num_modules: Optional[int] = knob(None, "kappa: exactly this many modules instead of top_frac",
-                                      **_optional_positive())
+                                      **optional_positive())
     min_layer: Optional[int] = knob(None, "any strategy: candidates from this layer up only (backward "
                                           "then stops there: cheaper steps)",
                                     check=lambda v: v is None or v >= 0, accepted="a layer index (0 or more) or null")
@@ -199,15 +199,15 @@ class SelectionConfig:
 
 @dataclass
 class LoraConfig:
-    r: int = knob(8, "LoRA rank", **_positive())
-    alpha: int = knob(16, "LoRA alpha (the update is scaled by alpha / r)", **_positive())
+    r: int = knob(8, "LoRA rank", **positive())
+    alpha: int = knob(16, "LoRA alpha (the update is scaled by alpha / r)", **positive())
     dropout: float = knob(0.05, "dropout on the adapters' input", check=lambda v: 0 <= v < 1,
                           accepted="a probability in [0, 1)")
     bias: Bias = knob(Bias.none, "which biases train (peft's LoraConfig.bias)")
     use_rslora: bool = knob(False, "rank-stabilized scaling alpha / sqrt(r)")
     rank_allocation: RankAllocation = knob(RankAllocation.uniform,
                                            "uniform: every module gets r; snr: ranks grow with SNR within a type")
-    r_min: int = knob(2, "rank_allocation=snr: the lowest rank", **_positive())
+    r_min: int = knob(2, "rank_allocation=snr: the lowest rank", **positive())
     r_max: int = knob(64, "rank_allocation=snr: the highest rank")
 
 
@@ -236,29 +236,29 @@ class TrainerConfig:
 
     max_steps: int = knob(-1, "optimizer steps; -1: num_train_epochs",
                           check=lambda v: v == -1 or v > 0, accepted="a positive integer, or -1 for epochs")
-    num_train_epochs: float = knob(1.0, "epochs when max_steps=-1", **_positive("number"))
-    learning_rate: float = knob(2e-4, "QLoRA paper: 2e-4 for 7-13B, 1e-4 for 33-70B", **_positive("number"))
+    num_train_epochs: float = knob(1.0, "epochs when max_steps=-1", **positive("number"))
+    learning_rate: float = knob(2e-4, "QLoRA paper: 2e-4 for 7-13B, 1e-4 for 33-70B", **positive("number"))
     lr_scheduler_type: str = knob("linear", "a transformers scheduler name", check=lambda v: v in SCHEDULERS,
                                   accepted=f"one of transformers' schedulers: {', '.join(SCHEDULERS)}")
     warmup_steps: float = knob(10.0, "steps of linear warm-up", check=lambda v: v >= 0, accepted="a non-negative number")
     weight_decay: float = knob(0.0, "AdamW weight decay", check=lambda v: v >= 0, accepted="a non-negative number")
     max_grad_norm: float = knob(1.0, "gradient clipping (0: off)", check=lambda v: v >= 0,
                                 accepted="a non-negative number (0: no clipping)")
-    per_device_train_batch_size: int = knob(16, "rows per step per process", **_positive())
-    per_device_eval_batch_size: int = knob(64, "rows per evaluation batch", **_positive())
-    gradient_accumulation_steps: int = knob(1, "micro-batches per optimizer step", **_positive())
+    per_device_train_batch_size: int = knob(16, "rows per step per process", **positive())
+    per_device_eval_batch_size: int = knob(64, "rows per evaluation batch", **positive())
+    gradient_accumulation_steps: int = knob(1, "micro-batches per optimizer step", **positive())
     gradient_checkpointing: bool = knob(
         False, "non-reentrant activation checkpointing, set up by spectraqlora (modeling.py), never "
                "with input gradients: backward still stops at the lowest adapted layer")
     optim: Optional[str] = knob(None, "null: paged_adamw_8bit on CUDA, adamw_torch elsewhere; paged_* fall back on CPU",
                                 check=lambda v: v is None or v in OPTIMIZERS,
                                 accepted=f"null or one of {', '.join(OPTIMIZERS)}")
-    logging_steps: int = knob(10, "steps between logged metrics", **_positive())
+    logging_steps: int = knob(10, "steps between logged metrics", **positive())
     eval_steps: int = knob(50, "steps between evaluations (0: none during training)",
                            check=lambda v: v >= 0, accepted="a non-negative integer (0: no eval during training)")
     save_steps: int = knob(50, "steps between checkpoints (adapter + optimizer) to resume from (0: none)",
                            check=lambda v: v >= 0, accepted="a non-negative integer (0: no checkpoints)")
-    save_total_limit: int = knob(2, "checkpoints kept", **_positive())
+    save_total_limit: int = knob(2, "checkpoints kept", **positive())
     bf16: Optional[bool] = knob(None, "null: on where CUDA supports bf16")
     dataloader_num_workers: int = knob(0, "data loader processes (0: in the training process)",
                                        check=lambda v: v >= 0, accepted="a non-negative integer")
@@ -268,7 +268,7 @@ class TrainerConfig:
     eval_before: bool = knob(True, "evaluate before training too (metrics.json's *_before)")
     eval_rows: Optional[int] = knob(None, "evaluations read the first N of the eval split's rows (null: all of "
                                           "them); the split itself, and so the training rows, stay as "
-                                          "dataset.eval_size makes them", **_optional_positive())
+                                          "dataset.eval_size makes them", **optional_positive())
 
 
 @dataclass
@@ -485,8 +485,49 @@ def load_run_config(run_dir: Path) -> TrainConfig:
     return cfg
 
 
+EXPORT_BASES = ("dequantized", "original")
+
+
+@dataclass
+class ExportConfig:
+    """python -m spectraqlora.export: a finished run as a standalone checkpoint, checked against it."""
+
+    run_dir: Optional[str] = knob(None, "a finished run dir of python -m spectraqlora.train (it has metrics.json)")
+    out: Optional[str] = knob(None, "where the export goes; null: <run_dir>/merged (adapter_only: <run_dir>/adapter_export)")
+    dtype: Optional[str] = knob(None, "dtype of the merged weights; null: the run's model.dtype", **_dtype(null=True))
+    base: str = knob(EXPORT_BASES[0], "dequantized: the 4-bit weights training saw; original: the full-precision "
+                                      "checkpoint", check=lambda v: v in EXPORT_BASES,
+                     accepted=f"one of {', '.join(EXPORT_BASES)}")
+    adapter_only: bool = knob(False, "copy the adapter (with a model card) instead of merging")
+    check_rows: int = knob(8, "eval rows the merged model's logits are compared on", **positive())
+    loss_rows: Optional[int] = knob(64, "eval rows its loss is compared on, against the adapter on the 4-bit base "
+                                        "(null: the whole eval split, against the run's eval loss)",
+                                    **optional_positive())
+    allow_pickle: bool = knob(False, "load an adapter_model.bin (pickle can run code)")
+
+
+@dataclass
+class EvaluateConfig:
+    """python -m spectraqlora.evaluate: a finished run's base and adapter reloaded and evaluated again."""
+
+    run_dir: Optional[str] = knob(None, "a finished run dir of python -m spectraqlora.train (it has metrics.json)")
+    allow_pickle: bool = knob(False, "load an adapter_model.bin (pickle can run code)")
+    force: bool = knob(False, "evaluate even when the rows differ from those the run recorded (row counts and "
+                              "the eval rows' sha256), with a warning")
+
+
+def checked(options):
+    """A command's options (ExportConfig, EvaluateConfig) with each range check applied: the first
+    failure is one UserError naming the key."""
+    if error := next(range_errors(options), None):
+        raise UserError(error)
+    return options
+
+
 resolvers.register()
 ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+ConfigStore.instance().store(name="export_schema", node=ExportConfig)
+ConfigStore.instance().store(name="evaluate_schema", node=EvaluateConfig)
 
 CONF_DIR = next(
     str(p)

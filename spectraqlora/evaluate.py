@@ -5,31 +5,34 @@ metrics beside those the run recorded and writes them to <run_dir>/eval_metrics.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import tempfile
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from spectraqlora import cli, rundir, telemetry
-from spectraqlora.config import CONF_DIR, Logger, load_run_config
+from spectraqlora.config import CONF_DIR, EvaluateConfig, Logger, checked, load_run_config
 from spectraqlora.errors import exit_on_user_error
 
 log = logging.getLogger("spectraqlora.evaluate")
 
 
-def evaluate_run(run_dir: Path | None, allow_pickle: bool = False, force: bool = False) -> dict:
-    run_dir = rundir.finished_run(run_dir, "evaluate")
+def evaluate_run(run_dir: Path | None, **options) -> dict:
+    """The run's model evaluated again; `options`: the other keys of EvaluateConfig."""
+    opts = checked(EvaluateConfig(run_dir=run_dir, **options))
+    run_dir = rundir.finished_run(run_dir and Path(run_dir), "evaluate")
     cfg = load_run_config(run_dir)
     from spectraqlora import build, data, training  # torch: after the checks
 
     cfg.logger.name = Logger.none  # a re-evaluation is not a new W&B run
     telemetry.configure_progress(telemetry.show_progress(cfg.logger))  # piped: plain lines, no bars
     inputs = build.load_inputs(cfg)
-    data.check_same_data(rundir.read_json(run_dir / rundir.SELECTION).get("data"), inputs.raw, force)
+    data.check_same_data(rundir.read_json(run_dir / rundir.SELECTION).get("data"), inputs.raw, opts.force)
     tokenized, choices = inputs.tokenized(cfg, splits=("eval",))  # the train rows are never read
-    net = build.trained_model(inputs, cfg, run_dir / rundir.ADAPTER, allow_pickle)
+    net = build.trained_model(inputs, cfg, run_dir / rundir.ADAPTER, opts.allow_pickle)
     with tempfile.TemporaryDirectory(prefix="spectraqlora-eval-") as scratch:  # the Trainer's output dir
         trainer = training.build_trainer(net, tokenized, inputs.tokenizer, cfg, Path(scratch), choices=choices)
         metrics = training.evaluate(trainer, cfg.model.task)
@@ -43,7 +46,7 @@ def evaluate_run(run_dir: Path | None, allow_pickle: bool = False, force: bool =
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
 def hydra_main(cfg: DictConfig) -> None:
     with exit_on_user_error():
-        evaluate_run(cfg.run_dir and Path(cfg.run_dir), cfg.allow_pickle, cfg.force)
+        evaluate_run(**dataclasses.asdict(OmegaConf.to_object(cfg)))
 
 
 def main() -> None:

@@ -22,34 +22,26 @@ from pathlib import Path
 
 import hydra
 import yaml
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from spectraqlora import cli, rundir
-from spectraqlora.config import CONF_DIR, DTYPES, TrainConfig, load_run_config
+from spectraqlora.config import CONF_DIR, EXPORT_BASES, ExportConfig, TrainConfig, checked, load_run_config
 from spectraqlora.errors import UserError, exit_on_user_error
 
 log = logging.getLogger("spectraqlora.export")
 
 EXPORT = "export.json"
-BASES = ("dequantized", "original")
 LOSS_TOLERANCE = 1e-3  # relative: the dequantized merge must reproduce the run's eval loss
 
 
-def export_run(run_dir: Path | None, out: Path | None = None, dtype: str | None = None,
-               base: str = "dequantized", adapter_only: bool = False, check_rows: int = 8,
-               allow_pickle: bool = False, loss_rows: int | None = 64) -> Path:
-    """Write the export of a finished run; returns where it is."""
-    run_dir = rundir.finished_run(run_dir, "export")
-    if base not in BASES:
-        raise UserError(f"base={base}: expected one of {', '.join(BASES)}")
-    if dtype is not None and dtype not in DTYPES:
-        raise UserError(f"dtype={dtype}: expected one of {', '.join(DTYPES)} (or null: the model's)")
-    if check_rows < 1:
-        raise UserError(f"check_rows={check_rows}: expected a positive number of rows")
-    if loss_rows is not None and loss_rows < 1:
-        raise UserError(f"loss_rows={loss_rows}: expected a positive number of rows (or null: the whole eval split)")
-    if adapter_only and (base != BASES[0] or dtype is not None):
-        given = " ".join(f"{k}={v}" for k, v in (("base", base), ("dtype", dtype)) if v not in (BASES[0], None))
+def export_run(run_dir: Path | None, out: Path | None = None, **options) -> Path:
+    """Write the export of a finished run; returns where it is. `options`: the other keys of
+    ExportConfig (the schema holds their defaults and ranges)."""
+    opts = checked(ExportConfig(run_dir=run_dir, out=out, **options))
+    run_dir = rundir.finished_run(run_dir and Path(run_dir), "export")
+    dtype, base, adapter_only = opts.dtype, opts.base, opts.adapter_only
+    if adapter_only and (base != EXPORT_BASES[0] or dtype is not None):
+        given = " ".join(f"{k}={v}" for k, v in (("base", base), ("dtype", dtype)) if v not in (EXPORT_BASES[0], None))
         raise UserError(f"adapter_only=true copies the adapter as trained, with no base to merge into: "
                         f"{given} has nothing to act on; drop it")
     cfg = load_run_config(run_dir)
@@ -68,7 +60,8 @@ def export_run(run_dir: Path | None, out: Path | None = None, dtype: str | None 
                 shutil.copy2(file, tmp / file.name)
             checks = {}
         else:
-            checks = merge(cfg, run_dir, tmp, dtype or cfg.model.dtype, base, check_rows, allow_pickle, loss_rows)
+            checks = merge(cfg, run_dir, tmp, dtype or cfg.model.dtype, base, opts.check_rows, opts.allow_pickle,
+                           opts.loss_rows)
         rundir.write_text(tmp / "README.md", model_card(cfg, run_dir, adapter_only, base, checks))
         rundir.write_json(tmp / EXPORT, {"run_dir": str(run_dir), "adapter_only": adapter_only,
                                          **({"base": base, "dtype": dtype or cfg.model.dtype} if not adapter_only else {}),
@@ -275,8 +268,7 @@ def _license(checkpoint_dir: Path) -> str | None:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="export")
 def hydra_main(cfg: DictConfig) -> None:
     with exit_on_user_error():
-        export_run(cfg.run_dir and Path(cfg.run_dir), cfg.out and Path(cfg.out), cfg.dtype, cfg.base,
-                   cfg.adapter_only, cfg.check_rows, cfg.allow_pickle, cfg.loss_rows)
+        export_run(**dataclasses.asdict(OmegaConf.to_object(cfg)))
 
 
 def main() -> None:

@@ -3,7 +3,7 @@
 A run's figures have plain names (`tokens_per_sec`, `peak_rss_gb`), as in metrics.json; the
 logged stream (metrics.jsonl, W&B) puts each under its section (`perf/tokens_per_sec`,
 `mem/peak_rss_gb`) with `logged`. The Trainer's own log names map through TRAINER_KEYS.
-README, "Telemetry", lists them all.
+docs/runs.md, "Telemetry", lists them all.
 """
 from __future__ import annotations
 

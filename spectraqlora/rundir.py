@@ -1,4 +1,4 @@
-"""The run dir contract (README): what a finished run holds, written so a crash never fakes it."""
+"""The run dir contract (docs/runs.md): what a finished run holds, written so a crash never fakes it."""
 from __future__ import annotations
 
 import json

@@ -1,6 +1,6 @@
 """Where a run's numbers go: metrics.jsonl in the run dir and, with logger=wandb, a W&B run.
 
-Both sinks get the same keys (README, "Telemetry"). W&B is never allowed to fail or stall a
+Both sinks get the same keys (docs/runs.md, "Telemetry"). W&B is never allowed to fail or stall a
 training run: without an API key it logs offline under the run dir, and any W&B error becomes
 one warning after which the run goes on with metrics.jsonl alone.
 """

@@ -131,7 +131,7 @@ def test_evaluate_help_names_only_its_own_keys(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("overrides, message", [
-    (["model=llama3", "selection.top_frac=0.25"],  # the README's usage line, offline
+    (["model=llama3", "selection.top_frac=0.25"],  # the README's first usage line, offline
      "download it where the hub answers, or set model.name_or_path=<local checkpoint dir>; it is gated: accept "
      "its licence on https://huggingface.co/meta-llama/Meta-Llama-3-8B and give a token (HF_TOKEN=... or "
      "`hf auth login`)"),

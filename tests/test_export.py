@@ -147,8 +147,10 @@ def test_bad_exports_are_one_line_and_leave_nothing(smoke_run, tmp_path):
     (taken / "x").write_text("x")
     with pytest.raises(UserError, match=r"^out=.*taken exists and is not empty: remove it, or give out=<new dir>"):
         export_run(run_dir, taken)
-    with pytest.raises(UserError, match="^base=fused: expected one of dequantized, original"):
+    with pytest.raises(UserError, match="^base=fused is out of range: expected one of dequantized, original"):
         export_run(run_dir, tmp_path / "a", base="fused")
+    with pytest.raises(UserError, match="^loss_rows=0 is out of range: expected a positive integer or null"):
+        export_run(run_dir, tmp_path / "a", loss_rows=0)
     with pytest.raises(UserError, match=r"adapter_only=true copies the adapter as trained, with no base to merge "
                                         r"into: base=original dtype=bfloat16 has nothing to act on; drop it"):
         export_run(run_dir, tmp_path / "a", base="original", dtype="bfloat16", adapter_only=True)

@@ -182,7 +182,7 @@ def test_storage_passwords_stay_out_of_results_and_logs():
 
 @pytest.mark.slow
 def test_optuna_dashboard_serves_a_sweeps_sqlite_study(tmp_path):
-    """The README's `optuna-dashboard sqlite:///<sweep dir>/optuna.db` ([dashboard] extra), on
+    """docs/sweeps.md's `optuna-dashboard sqlite:///<sweep dir>/optuna.db` ([dashboard] extra), on
     loopback, for a few seconds."""
     import json
     import shutil

@@ -204,6 +204,21 @@ def test_a_reversed_interval_is_one_line_before_any_trial(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("override, message", [
+    ("hydra.sweeper.n_trials=0", "hydra.sweeper.n_trials=0 is out of range: expected a positive integer"),
+    ("hydra.sweeper.max_failure_rate=1.5", "hydra.sweeper.max_failure_rate=1.5 is out of range: expected a fraction in [0, 1]"),
+    ("hydra.sweeper.grace_period=30", "hydra.sweeper.heartbeat_interval=60 and grace_period=30: the grace period must "
+                                      "be longer than the interval (default: twice the interval)"),
+])
+def test_a_sweeper_key_out_of_its_schemas_range_is_one_line_before_any_trial(tmp_path, override, message):
+    result = subprocess.run([sys.executable, str(APP), "-m", f"hydra.sweep.dir={tmp_path / 'sweep'}", override],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == f"error: {message}"
+    assert not (tmp_path / "sweep" / "0").exists()
+
+
+@pytest.mark.slow
 def test_a_second_search_on_a_study_is_refused_and_a_complete_one_says_so(tmp_path):
     """Two sweeps on one storage and study name: the second reported the first's best as its own."""
     result, sweep_dir, first = sweep(tmp_path, "hydra.sweeper.n_trials=2")

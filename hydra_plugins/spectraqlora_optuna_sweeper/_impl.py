@@ -1,4 +1,4 @@
-"""The sweep loop: ask/tell over Hydra's launcher (README, "Sweeps" and "Scaling out").
+"""The sweep loop: ask/tell over Hydra's launcher (docs/sweeps.md).
 
 Any number of workers, on any machines, share one study: each asks for its next trial under a
 study-wide lock, so that they start exactly n_trials between them. Job number = trial number,
@@ -28,6 +28,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from hydra_plugins.spectraqlora_optuna_sweeper import _repeats as rep
 from hydra_plugins.spectraqlora_optuna_sweeper._confirm import CONFIRMATION, SETTINGS, Confirmation, summary
+from hydra_plugins.spectraqlora_optuna_sweeper.config import SpectraOptunaSweeperConf
 from hydra_plugins.spectraqlora_optuna_sweeper.lifecycle import LOST, Heartbeat, dead_trials, failure_stop, lost
 from hydra_plugins.spectraqlora_optuna_sweeper.results import (RESULTS, objective_names, plot_study, shown_url,
                                                               write_results)
@@ -35,6 +36,7 @@ from hydra_plugins.spectraqlora_optuna_sweeper.space import (SEARCH, check_bound
                                                              record_difference, search_record, search_space, suggest)
 from hydra_plugins.spectraqlora_optuna_sweeper.workers import WORKER_ENV, spawn_workers
 from spectraqlora import rundir
+from spectraqlora.config import range_errors
 from spectraqlora.errors import UserError, exit_on_user_error
 from spectraqlora.sweep import (log_sweep_summary, make_pruner, make_storage, storage_url, study_lock,
                                 study_name)
@@ -55,23 +57,23 @@ def _raised(ret) -> BaseException:
 
 
 class SweeperImpl:
-    def __init__(self, sampler, pruner, direction, objectives, storage, study_name, n_trials,
-                 n_jobs, max_failure_rate, heartbeat_interval, grace_period, params,
-                 custom_search_space=None, workers=1, repeats=1, repeat_seeds=None, repeat_key="seed",
-                 confirm=None, report_to=None):
-        self.sampler_cfg, self.pruner_cfg = sampler, pruner  # configs (_recursive_: false)
-        self.directions = list(direction) if isinstance(direction, (list, ListConfig)) else [direction]
-        self.objectives = list(objectives) if objectives else None
-        self.storage, self.study_name, self.params = storage, study_name, params or {}
+    def __init__(self, **options):
+        """`options`: the keys of SpectraOptunaSweeperConf as Hydra composed them (config.py holds
+        their defaults, meanings and ranges; `_check` applies the ranges)."""
+        o = self.options = SpectraOptunaSweeperConf(**options)
+        self.sampler_cfg, self.pruner_cfg = o.sampler, o.pruner  # configs (_recursive_: false)
+        self.directions = list(o.direction) if isinstance(o.direction, (list, ListConfig)) else [o.direction]
+        self.objectives = list(o.objectives) if o.objectives else None
+        self.storage, self.study_name, self.params = o.storage, o.study_name, o.params or {}
         self.plotted_at = time.monotonic()  # of the last plots (or the start)
-        self.n_trials, self.n_jobs, self.max_failure_rate = n_trials, n_jobs, max_failure_rate
-        self.workers = 1 if os.environ.get(WORKER_ENV) else workers  # a worker never starts more
-        self.heartbeat_interval = heartbeat_interval
-        self.grace_period = grace_period or 2 * heartbeat_interval
+        self.n_trials, self.n_jobs, self.max_failure_rate = o.n_trials, o.n_jobs, o.max_failure_rate
+        self.workers = 1 if os.environ.get(WORKER_ENV) else o.workers  # a worker never starts more
+        self.heartbeat_interval = o.heartbeat_interval
+        self.grace_period = o.grace_period or 2 * o.heartbeat_interval  # null: twice the interval
         self.exhausted = False  # a grid sampler has run its whole grid
-        self.custom_search_space = custom_search_space
-        self.repeats_cfg = dict(repeats=repeats, seeds=repeat_seeds, key=repeat_key, confirm=confirm,
-                                report_to=report_to)
+        self.custom_search_space = o.custom_search_space
+        self.repeats_cfg = dict(repeats=o.repeats, seeds=o.repeat_seeds, key=o.repeat_key, confirm=o.confirm,
+                                report_to=o.report_to)
 
     def setup(self, *, hydra_context, task_function, config: DictConfig) -> None:
         self.config, self.task_function, self.config_loader = config, task_function, hydra_context.config_loader
@@ -381,25 +383,22 @@ class SweeperImpl:
     # -- set-up -----------------------------------------------------------------------------
 
     def _check(self) -> None:
+        if error := next(range_errors(self.options, "hydra.sweeper."), None):
+            raise UserError(error)
         cfg = self.repeats_cfg
         if cfg["report_to"] is not None:
             raise UserError(f"hydra.sweeper.report_to={cfg['report_to']}: the sweeper sets it on the "
                             f"jobs it launches; drop it")
         self.repeats = rep.configured(cfg["repeats"], cfg["seeds"], cfg["key"], self.pruner_cfg, len(self.directions))
         self.confirm = Confirmation.configured(cfg["confirm"], self.repeats, len(self.directions), cfg["key"])
-        if min(self.n_trials, self.n_jobs, self.workers) <= 0:
-            raise UserError("hydra.sweeper.n_trials, n_jobs and workers must be positive")
         if self.workers > 1 and not self.local:
             raise UserError(f"hydra.sweeper.workers={self.workers} starts processes on this machine, "
                             f"for Hydra's basic launcher; with hydra/launcher="
                             f"{type(self.launcher).__name__} use hydra.sweeper.n_jobs (trials per launch)")
-        if self.heartbeat_interval <= 0 or self.grace_period <= self.heartbeat_interval:
+        if self.grace_period <= self.heartbeat_interval:
             raise UserError(f"hydra.sweeper.heartbeat_interval={self.heartbeat_interval} and "
-                            f"grace_period={self.grace_period}: the interval must be positive and "
-                            f"the grace period longer than it (default: twice the interval)")
-        if not 0 <= self.max_failure_rate <= 1:
-            raise UserError(f"hydra.sweeper.max_failure_rate={self.max_failure_rate} is out of "
-                            f"range: expected a fraction in [0, 1]")
+                            f"grace_period={self.grace_period}: the grace period must be longer than "
+                            f"the interval (default: twice the interval)")
         bad = [d for d in self.directions if d not in ("minimize", "maximize")]
         if bad:
             raise UserError(f"hydra.sweeper.direction={bad[0]}: expected minimize or maximize")

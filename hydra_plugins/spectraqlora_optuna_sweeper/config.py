@@ -6,6 +6,7 @@ from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 
+from spectraqlora.config import optional_positive, positive, knob
 from spectraqlora.sweep import SWEEPER
 
 
@@ -134,11 +135,11 @@ class WilcoxonPrunerConfig:
 class ConfirmConfig:
     """After the search: the top_k settings and a baseline, each run once per fresh seed."""
 
-    top_k: int = 0  # 0: no confirmation
-    seeds: List[int] = field(default_factory=lambda: [101, 102, 103, 104, 105])
-    # overrides of the reference setting, e.g. {selection.top_frac: 0.25, lora.r: 8}; empty:
-    # the fixed config itself
-    baseline: Dict[str, Any] = field(default_factory=dict)
+    top_k: int = knob(0, "settings confirmed after the search, best first; 0: no confirmation")
+    seeds: List[int] = knob(help="fresh seeds each confirmed setting and the baseline run on",
+                            factory=lambda: [101, 102, 103, 104, 105])
+    baseline: Dict[str, Any] = knob(help="overrides of the reference setting, e.g. {selection.top_frac: 0.25, "
+                                         "lora.r: 8}; empty: the fixed config itself", factory=dict)
 
 
 @dataclass
@@ -148,47 +149,47 @@ class NopPrunerConfig:
 
 @dataclass
 class SpectraOptunaSweeperConf:
+    """hydra/sweeper=spectraqlora_optuna: an Optuna study over the jobs' overrides."""
+
     _target_: str = SWEEPER
     # sampler and pruner stay configs: a resumed study reseeds the sampler, a grid sampler takes
     # its space from params, and training jobs build the same pruner
     _recursive_: bool = False
     defaults: List[Any] = field(default_factory=lambda: ["_self_", {"sampler": "tpe"}, {"pruner": "median"}])
-    sampler: Any = None
-    pruner: Any = None
-    # "minimize" / "maximize", or a list of them (one per objective: multi-objective)
-    direction: Any = "minimize"
-    # metrics.json keys of each finished run, one per direction; null: the task's return value
-    objectives: Optional[List[str]] = None
-    # null: sqlite:///<sweep dir>/optuna.db; any SQLAlchemy URL (postgresql+psycopg://...) for
-    # workers on many machines, or journal:///<path> for a JournalStorage file on a shared
-    # file system
-    storage: Optional[str] = None
-    # null: derived from the sweep dir (give one for workers on several machines)
-    study_name: Optional[str] = None
-    n_trials: int = 20  # in total, across resumes and all workers of the study
-    # trials per launch, as in hydra-optuna-sweeper: one job array for submitit on SLURM; Hydra's
-    # own launcher runs a batch one trial after another
-    n_jobs: int = 1
-    # worker processes on this machine (Hydra's own launcher), each asking for its next trial
-    # when free, sharing the study
-    workers: int = 1
-    # the sweep stops once more than this fraction of n_trials has failed
-    max_failure_rate: float = 0.5
-    heartbeat_interval: int = 60  # seconds between a running trial's heartbeats
-    grace_period: Optional[int] = None  # silent this long: its worker died, FAIL; null: 2 x interval
-    params: Optional[Dict[str, str]] = None
-    # dotted path of fn(cfg, trial), called before each trial to suggest more params (as in
-    # hydra-optuna-sweeper); what it suggests is passed to the job as overrides
-    custom_search_space: Optional[str] = None
-    # runs per trial, one per seed of repeat_seeds (shared by every trial, so that trials are
-    # paired); the trial's objective is their mean
-    repeats: int = 1
-    repeat_seeds: Optional[List[int]] = None  # null: [1, ..., repeats]
-    repeat_key: str = "seed"  # the override each repeat's seed is passed as
+    sampler: Any = knob(None, "hydra/sweeper/sampler=tpe (default), random, cmaes, gp, nsgaii, qmc or grid; "
+                              "its keys are those of the optuna class")
+    pruner: Any = knob(None, "hydra/sweeper/pruner=median (default), hyperband, threshold, wilcoxon or none")
+    direction: Any = knob("minimize", "minimize or maximize, or a list of them (one per objective: multi-objective)")
+    objectives: Optional[List[str]] = knob(None, "metrics.json keys of each finished run, one per direction; "
+                                                 "null: the task's return value (the eval loss)")
+    storage: Optional[str] = knob(None, "null: sqlite:///<sweep dir>/optuna.db; any SQLAlchemy URL "
+                                        "(postgresql+psycopg://...) for workers on many machines, or "
+                                        "journal:///<path> for a JournalStorage file on a shared file system")
+    study_name: Optional[str] = knob(None, "null: derived from the sweep dir (give one for workers on several machines)")
+    n_trials: int = knob(20, "in total, across resumes and all workers of the study", **positive())
+    n_jobs: int = knob(1, "trials per launch, as in hydra-optuna-sweeper: one job array for submitit on SLURM; "
+                          "Hydra's own launcher runs a batch one trial after another", **positive())
+    workers: int = knob(1, "worker processes on this machine (Hydra's own launcher), each asking for its next "
+                           "trial when free, sharing the study", **positive())
+    max_failure_rate: float = knob(0.5, "the sweep stops once more than this fraction of n_trials has failed",
+                                   check=lambda v: 0 <= v <= 1, accepted="a fraction in [0, 1]")
+    heartbeat_interval: int = knob(60, "seconds between a running trial's heartbeats", **positive())
+    grace_period: Optional[int] = knob(None, "seconds a running trial may go without a heartbeat before it "
+                                             "counts as lost with its worker (FAIL); null: twice "
+                                             "heartbeat_interval; longer than heartbeat_interval",
+                                       **optional_positive())
+    params: Optional[Dict[str, str]] = knob(None, "the search space: key -> choice(...), range(...), "
+                                                  "interval(...), tag(log, ...)")
+    custom_search_space: Optional[str] = knob(None, "dotted path of fn(cfg, trial), called before each trial to "
+                                                    "suggest more params (as in hydra-optuna-sweeper); what it "
+                                                    "suggests is passed to the job as overrides")
+    repeats: int = knob(1, "runs per trial, one per seed of repeat_seeds (shared by every trial, so that trials "
+                           "are paired); the trial's objective is their mean", **positive())
+    repeat_seeds: Optional[List[int]] = knob(None, "the seeds of the repeats; null: [1, ..., repeats]")
+    repeat_key: str = knob("seed", "the override each repeat's seed is passed as")
     confirm: ConfirmConfig = field(default_factory=ConfirmConfig)
-    # set by the sweeper on the jobs of repeated trials, never by hand: the trial a job reports
-    # its eval losses to for pruning inside the run, null for none
-    report_to: Optional[int] = None
+    report_to: Optional[int] = knob(None, "set by the sweeper on the jobs of repeated trials, never by hand: "
+                                          "the trial a job reports its eval losses to for pruning inside the run")
 
 
 def register() -> None:
