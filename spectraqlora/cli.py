@@ -7,7 +7,6 @@ from __future__ import annotations
 import difflib
 import os
 import signal
-from pathlib import Path
 from typing import Callable
 
 from spectraqlora.errors import Interrupted, UserError, exit_on_user_error
@@ -76,21 +75,17 @@ def describe(exc: Exception, config_name: str) -> str:
 
 
 def keys_of(config_name: str, group: str) -> tuple[list[str], dict[str, str]]:
-    """The keys valid under group, and the aliases users bring from other tools: the schema's
-    for train and scan, the config file's own top-level keys for evaluate and export."""
+    """The keys valid under group in the command's schema, and the aliases users bring from
+    other tools."""
     import dataclasses
 
     from spectraqlora import config
 
-    if config_name in ("train", "scan"):
-        try:
-            schema = config._schema_at(group)
-        except (KeyError, TypeError):
-            return [], {}
-        return [f.name for f in dataclasses.fields(schema)], config._ALIASES
-    if group:
+    schema, aliases = {"export": (config.ExportConfig, config.RUN_DIR_ALIASES),
+                       "evaluate": (config.EvaluateConfig, config.RUN_DIR_ALIASES)}.get(
+        config_name, (config.TrainConfig, config._ALIASES))  # train and scan
+    try:
+        schema = config._schema_at(group, schema)
+    except (KeyError, TypeError):
         return [], {}
-    import yaml
-
-    own = yaml.safe_load((Path(config.CONF_DIR) / f"{config_name}.yaml").read_text()) or {}
-    return [k for k in own if k not in ("defaults", "hydra")], {"output": "out", "output_dir": "out", "dir": "run_dir"}
+    return [f.name for f in dataclasses.fields(schema)], aliases

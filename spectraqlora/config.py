@@ -433,8 +433,8 @@ def to_train_config(cfg: DictConfig) -> TrainConfig:
 _ASK = {"dataset.path": "which file? give dataset.path=<data.jsonl, .json, .csv or .parquet> (or a hub dataset id)"}
 
 
-def _schema_at(path: str):
-    schema = TrainConfig
+def _schema_at(path: str, schema=None):
+    schema = schema or TrainConfig
     for part in filter(None, path.split(".")):
         schema = typing.get_type_hints(schema)[part]
     return schema
@@ -514,6 +514,9 @@ class EvaluateConfig:
     allow_pickle: bool = knob(False, "load an adapter_model.bin (pickle can run code)")
     force: bool = knob(False, "evaluate even when the rows differ from those the run recorded (row counts and "
                               "the eval rows' sha256), with a warning")
+
+
+RUN_DIR_ALIASES = {"output": "out", "output_dir": "out", "dir": "run_dir"}  # keys export's and evaluate's users try
 
 
 def checked(options):
