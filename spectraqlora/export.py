@@ -8,7 +8,7 @@ Merging (peft's merge_and_unload on a float base, the library's own path):
 - base=original: the full-precision checkpoint; what users often want for quality, not
   what was trained against, so its eval loss differs a little.
 
-The output is written into a temporary dir beside `export.out` and renamed when complete.
+The output is written into a temporary dir beside `out` and renamed when complete.
 """
 from __future__ import annotations
 

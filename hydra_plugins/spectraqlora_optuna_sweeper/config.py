@@ -6,7 +6,7 @@ from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 
-from spectraqlora.config import optional_positive, positive, knob
+from spectraqlora.config import knob, optional_positive, positive
 from spectraqlora.sweep import SWEEPER
 
 
