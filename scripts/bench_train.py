@@ -31,16 +31,18 @@ it) is measured for all and all_padded.
 Every configuration is built once in this one process and trained on the same batches. After
 --warmup steps each, the timed steps are interleaved: each of --repeats rounds runs --steps steps
 of every configuration, the order reversed every other round, so that the machine's drift hits
-every configuration alike. Each figure is the median over rounds with its range (min-max); each
-ratio is computed within each round, then the median and range of those. Tokens are the rows'
-own tokens (no padding), the same count for every configuration. A step is forward + backward
-+ AdamW step.
+every configuration alike (`--steps 1`: configurations alternate step by step, so that a slowdown
+of the machine hits neighbouring configurations alike). Each figure is the median over rounds with
+its range (min-max); each ratio is computed within each round, then the median and range of those.
+Evaluations run after every --eval-every rounds, each against the training tokens/s of the same
+configuration over those rounds. Tokens are the rows' own tokens (no padding), the same count for
+every configuration. A step is forward + backward + AdamW step.
 
 --memory measures peak memory instead, each configuration in a fresh process (so its peak is its
 own): the resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs) over the
 timed training steps, then over one evaluation (CUDA: max allocated).
 
-    python scripts/bench_train.py --model llm_rt --out results.json [--steps 4] [--repeats 6]
+    python scripts/bench_train.py --model llm_rt --out results.json [--steps 1] [--repeats 48] [--eval-every 6]
     python scripts/bench_train.py --model llm_rt --memory --out memory.json
     python scripts/bench_train.py --out results.json [--steps 8] [--batch 2] [--seq 256] [--repeats 3]
 """
@@ -217,7 +219,7 @@ def timed(model: str, names: list[str], args) -> dict:
             bench.step(shared.batch_rows(i))
     evaluated = [n for n in EVALUATED.get(model, []) if n in benches]
     eval_tokens = sum(len(r["input_ids"]) for r in shared.eval)
-    rounds = []
+    rounds, evals = [], {n: [] for n in evaluated}
     for r in range(args.repeats):
         first = args.warmup + r * args.steps
         batches = range(first, first + args.steps)
@@ -225,25 +227,29 @@ def timed(model: str, names: list[str], args) -> dict:
         got = {}
         for name in names if r % 2 == 0 else reversed(names):
             seconds = [benches[name].step(shared.batch_rows(i)) for i in batches]
-            got[name] = {"tokens_per_sec": tokens / sum(seconds), "step_time_s": statistics.median(seconds)}
-            if name in evaluated:
-                eval_s, eval_loss = benches[name].evaluate(shared.eval, shared.eval_batch)
-                got[name].update(eval_tokens_per_sec=eval_tokens / eval_s, eval_loss=eval_loss)
+            got[name] = {"tokens_per_sec": tokens / sum(seconds), "step_time_s": statistics.median(seconds),
+                         "tokens": tokens, "seconds": sum(seconds)}
         rounds.append(got)
         print(f"round {r}: " + ", ".join(f"{n} {g['tokens_per_sec']:.1f}" for n, g in got.items()) + " tokens/s",
               flush=True)
+        if (r + 1) % args.eval_every == 0:  # against this block's training tokens/s of the same configuration
+            for name in evaluated:
+                eval_s, eval_loss = benches[name].evaluate(shared.eval, shared.eval_batch)
+                block = [got[name] for got in rounds[-args.eval_every:]]
+                train = sum(g["tokens"] for g in block) / sum(g["seconds"] for g in block)
+                evals[name].append({"eval_tokens_per_sec": eval_tokens / eval_s, "eval_over_train": eval_tokens / eval_s / train,
+                                    "eval_loss": eval_loss})
     configs = {}
     for name in names:
         per_round = [got[name] for got in rounds]
         configs[name] = {**benches[name].facts, **{key: spread([g[key] for g in per_round])
-                                                   for key in per_round[0] if key != "eval_loss"}}
-        if "eval_loss" in per_round[0]:
-            configs[name]["eval_loss"] = per_round[0]["eval_loss"]
-        if name in evaluated:  # against the training tokens/s of the same configuration, round by round
-            configs[name]["eval_over_train"] = spread([g["eval_tokens_per_sec"] / g["tokens_per_sec"] for g in per_round])
+                                                   for key in ("tokens_per_sec", "step_time_s")}}
+        if evals.get(name):
+            configs[name].update({key: spread([e[key] for e in evals[name]]) for key in ("eval_tokens_per_sec", "eval_over_train")},
+                                 eval_loss=evals[name][0]["eval_loss"])
     ratios = {f"{a}/{b}": spread([got[a]["tokens_per_sec"] / got[b]["tokens_per_sec"] for got in rounds])
               for a, b in RATIOS if a in benches and b in benches}
-    return {"model": model, "batch": shared.batch, "steps": args.steps, "repeats": args.repeats,
+    return {"model": model, "batch": shared.batch, "steps": args.steps, "repeats": args.repeats, "eval_every": args.eval_every,
             "train_tokens_per_round": [sum(shared.tokens(args.warmup + r * args.steps + k) for k in range(args.steps))
                                        for r in range(args.repeats)],
             "eval_rows": len(shared.eval), "eval_tokens": eval_tokens, "configs": configs, "ratios": ratios}
@@ -351,6 +357,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, help="rows per step (default: the model's)")
     parser.add_argument("--seq", type=int, help="dataset.max_length (default: the model's)")
     parser.add_argument("--repeats", type=int, default=6, help="rounds")
+    parser.add_argument("--eval-every", type=int, default=1, help="evaluate after every this many rounds")
     parser.add_argument("--memory", action="store_true", help="peak memory per configuration, fresh processes")
     parser.add_argument("--only", nargs="*", choices=sorted(CONFIGS), help="a subset of the configurations")
     parser.add_argument("--one", choices=sorted(CONFIGS | {"one_time_costs"}), help=argparse.SUPPRESS)  # child mode
