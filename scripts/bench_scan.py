@@ -4,10 +4,10 @@ What it measures, on a random-init Llama checkpoint (~0.5B parameters, bf16 safe
 in --workdir and reused):
 
   spectraqlora  spectraqlora's streaming scan (uncached): reads one 2-D weight at a time from
-                the safetensors files and reduces it to its SNR with spectraqlora.snr.
+                the safetensors files and reduces it to its SNR with spectraqlora.spectrum.snr.
   reference     what the public spectrum.py does: AutoModelForCausalLM.from_pretrained(...,
                 fp32), then the SNR of every nn.Linear inside model.model.layers, with the Spectrum
-                formula written out here (independent of spectraqlora.snr).
+                formula written out here (independent of spectraqlora.spectrum.snr).
 
 Each method runs in its own fresh subprocess (order alternated when --repeats > 1) and reports its
 wall time from process start to result (imports, loading and all SVDs) and its peak RSS
@@ -80,8 +80,8 @@ def child_build(ckpt: Path, layers: int, hidden: int, intermediate: int, vocab: 
 
 def child_spectraqlora(ckpt: Path) -> dict:
     """spectraqlora's streaming scan without its cache (`scanner.compute`)."""
-    from spectraqlora.checkpoint import safetensors_files
-    from spectraqlora.scanner import compute
+    from spectraqlora.spectrum.scanner import compute
+    from spectraqlora.store.checkpoint import safetensors_files
 
     import_rss = peak_rss_gb()
     table = compute(safetensors_files(ckpt), progress=False)

@@ -26,8 +26,8 @@ def main() -> None:
     import torch
     from hydra import compose, initialize_config_dir
 
-    from spectraqlora import build, training
     from spectraqlora.config import CONF_DIR, to_train_config
+    from spectraqlora.run import build, loop
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = to_train_config(compose("train", overrides=[
@@ -37,7 +37,7 @@ def main() -> None:
     tokenized, choices = inputs.tokenized(cfg, splits=("eval",))
     net = build.base_model(inputs, cfg)
     with tempfile.TemporaryDirectory() as scratch:
-        trainer = training.build_trainer(net, tokenized, inputs.tokenizer, cfg, Path(scratch), choices=choices)
+        trainer = loop.build_trainer(net, tokenized, inputs.tokenizer, cfg, Path(scratch), choices=choices)
         loss = trainer.compute_loss_func
         tokens = loss.class_tokens
         assert tokens is not None, "the class names are not single tokens here"

@@ -97,10 +97,11 @@ class Bench:
     def __init__(self, model: str, name: str, shared: "Shared"):
         import torch
 
-        from spectraqlora import batching, build, losses, modeling, scoring
         from spectraqlora.config import Batching
-        from spectraqlora.scanner import scan_and_select
-        from spectraqlora.selection import Selection
+        from spectraqlora.data.dataset import batching, scoring
+        from spectraqlora.run import build, losses, modeling
+        from spectraqlora.spectrum.scanner import scan_and_select
+        from spectraqlora.spectrum.selection import Selection
 
         overrides = MODELS[model][2][name]
         self.name, self.cfg = name, shared.config([o for o in overrides if not o.startswith("+")])
@@ -176,7 +177,7 @@ class Shared:
     """What every configuration of a model shares: the checkpoint, tokenizer and rows."""
 
     def __init__(self, model: str, batch: int | None, seq: int | None):
-        from spectraqlora import build
+        from spectraqlora.run import build
 
         base, (batch_default, seq_default), _ = MODELS[model]
         self.overrides = [*base, *([f"dataset.max_length={seq or seq_default}"] if seq or seq_default else [])]
@@ -280,9 +281,9 @@ def memory(model: str, name: str, args) -> dict:
 def one_time_costs() -> dict:
     """SmolLM2's GGUF conversion and its SNR scan, timed in this process (run it with
     SPECTRAQLORA_CACHE pointing at an empty dir)."""
-    from spectraqlora import checkpoint
     from spectraqlora.config import compose, to_train_config
-    from spectraqlora.scanner import compute
+    from spectraqlora.spectrum.scanner import compute
+    from spectraqlora.store import checkpoint
 
     model = to_train_config(compose("model=smollm2")).model
     began = time.perf_counter()

@@ -15,14 +15,14 @@ from pathlib import Path
 
 from omegaconf import MISSING
 
-from hydra_plugins.spectraqlora_optuna_sweeper.config import SpectraOptunaSweeperConf
 from spectraqlora.config import EvaluateConfig, ExportConfig, TrainConfig
+from spectraqlora.sweep.schema import SpectraOptunaSweeperConf
 
 PAGE = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
 HEADER = """# Configuration
 
 Every key `python -m spectraqlora.train`, `export`, `evaluate` and the sweeper take, as their schemas
-(`spectraqlora/config.py`, `hydra_plugins/spectraqlora_optuna_sweeper/config.py`) declare them.
+(`spectraqlora/config.py`, `spectraqlora/sweep/schema.py`) declare them.
 This page is written by `python scripts/config_docs.py` from the schema's help texts; a test fails
 when it is stale. Set a key on the command line (`lora.r=16`) or pick a preset of its group
 (`lora=default`, see [getting started](getting-started.md#config-groups-conf)); a key that is not

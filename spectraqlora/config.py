@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import re
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -248,7 +249,7 @@ class TrainerConfig:
     per_device_eval_batch_size: int = knob(64, "rows per evaluation batch", **positive())
     gradient_accumulation_steps: int = knob(1, "micro-batches per optimizer step", **positive())
     gradient_checkpointing: bool = knob(
-        False, "non-reentrant activation checkpointing, set up by spectraqlora (modeling.py), never "
+        False, "non-reentrant activation checkpointing, set up by spectraqlora (run/modeling.py), never "
                "with input gradients: backward still stops at the lowest adapted layer")
     optim: Optional[str] = knob(None, "null: paged_adamw_8bit on CUDA, adamw_torch elsewhere; paged_* fall back on CPU",
                                 check=lambda v: v is None or v in OPTIMIZERS,
@@ -277,6 +278,11 @@ class LoggerConfig:
     project: Optional[str] = knob(None, "W&B project (null: $WANDB_PROJECT)")
     entity: Optional[str] = knob(None, "W&B entity (null: $WANDB_ENTITY)")
     progress: bool = knob(True, "progress bars on a terminal")
+
+
+def show_progress(logger: LoggerConfig) -> bool:
+    """Progress bars on a terminal unless logger.progress=false; never in captured output."""
+    return logger.progress and sys.stderr.isatty()
 
 
 @dataclass

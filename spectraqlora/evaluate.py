@@ -13,9 +13,11 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from spectraqlora import cli, rundir, telemetry
-from spectraqlora.config import CONF_DIR, EvaluateConfig, Logger, checked, load_run_config
+from spectraqlora import cli
+from spectraqlora.config import CONF_DIR, EvaluateConfig, Logger, checked, load_run_config, show_progress
 from spectraqlora.errors import exit_on_user_error
+from spectraqlora.run import telemetry
+from spectraqlora.store import rundir
 
 log = logging.getLogger("spectraqlora.evaluate")
 
@@ -25,17 +27,18 @@ def evaluate_run(run_dir: Path | None, **options) -> dict:
     opts = checked(EvaluateConfig(run_dir=run_dir, **options))
     run_dir = rundir.finished_run(run_dir and Path(run_dir), "evaluate")
     cfg = load_run_config(run_dir)
-    from spectraqlora import build, data, training  # torch: after the checks
+    from spectraqlora.data.dataset import dataset  # torch: after the checks
+    from spectraqlora.run import build, loop
 
     cfg.logger.name = Logger.none  # a re-evaluation is not a new W&B run
-    telemetry.configure_progress(telemetry.show_progress(cfg.logger))  # piped: plain lines, no bars
+    telemetry.configure_progress(show_progress(cfg.logger))  # piped: plain lines, no bars
     inputs = build.load_inputs(cfg)
-    data.check_same_data(rundir.read_json(run_dir / rundir.SELECTION).get("data"), inputs.raw, opts.force)
+    dataset.check_same_data(rundir.read_json(run_dir / rundir.SELECTION).get("data"), inputs.raw, opts.force)
     tokenized, choices = inputs.tokenized(cfg, splits=("eval",))  # the train rows are never read
     net = build.trained_model(inputs, cfg, run_dir / rundir.ADAPTER, opts.allow_pickle)
     with tempfile.TemporaryDirectory(prefix="spectraqlora-eval-") as scratch:  # the Trainer's output dir
-        trainer = training.build_trainer(net, tokenized, inputs.tokenizer, cfg, Path(scratch), choices=choices)
-        metrics = training.evaluate(trainer, cfg.model.task)
+        trainer = loop.build_trainer(net, tokenized, inputs.tokenizer, cfg, Path(scratch), choices=choices)
+        metrics = loop.evaluate(trainer, cfg.model.task)
     recorded = rundir.read_json(run_dir / rundir.METRICS)
     for key, value in metrics.items():
         log.info("%-16s %.6f (run recorded %.6f)", key, value, recorded.get(key, float("nan")))

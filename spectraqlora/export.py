@@ -24,9 +24,18 @@ import hydra
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from spectraqlora import cli, rundir
-from spectraqlora.config import CONF_DIR, EXPORT_BASES, ExportConfig, TrainConfig, checked, load_run_config
+from spectraqlora import cli
+from spectraqlora.config import (
+    CONF_DIR,
+    EXPORT_BASES,
+    ExportConfig,
+    TrainConfig,
+    checked,
+    load_run_config,
+    show_progress,
+)
 from spectraqlora.errors import UserError, exit_on_user_error
+from spectraqlora.store import rundir
 
 log = logging.getLogger("spectraqlora.export")
 
@@ -48,9 +57,10 @@ def export_run(run_dir: Path | None, out: Path | None = None, **options) -> Path
     out = Path(out) if out else run_dir / ("adapter_export" if adapter_only else "merged")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"out={out} exists and is not empty: remove it, or give out=<new dir>")
-    from spectraqlora import checkpoint, telemetry  # torch: after the checks
+    from spectraqlora.run import telemetry  # torch: after the checks
+    from spectraqlora.store import checkpoint
 
-    telemetry.configure_progress(telemetry.show_progress(cfg.logger))  # piped: plain lines, no bars
+    telemetry.configure_progress(show_progress(cfg.logger))  # piped: plain lines, no bars
 
     path = checkpoint.resolve(cfg.model)
     check_base_unchanged(run_dir, path)
@@ -73,8 +83,8 @@ def export_run(run_dir: Path | None, out: Path | None = None, **options) -> Path
 def check_base_unchanged(run_dir: Path, path: Path) -> None:
     """The base checkpoint must be the one the adapter was trained on (its identity, as the scan
     cache keys it, recorded in selection.json)."""
-    from spectraqlora import checkpoint
-    from spectraqlora.scan_cache import identity
+    from spectraqlora.spectrum.cache import identity
+    from spectraqlora.store import checkpoint
 
     recorded = rundir.read_json(run_dir / rundir.SELECTION).get("base")
     if recorded is None:
@@ -93,10 +103,11 @@ def merge(cfg: TrainConfig, run_dir: Path, out: Path, dtype: str, base: str, che
     import torch
     from datasets import DatasetDict
 
-    from spectraqlora import batching, build, data, modeling
+    from spectraqlora.data.dataset import batching, dataset
+    from spectraqlora.run import build, modeling
 
     inputs = build.load_inputs(cfg)
-    tokenizer, num_labels = inputs.tokenizer, data.num_labels(inputs.raw, cfg.dataset, cfg.model.task)
+    tokenizer, num_labels = inputs.tokenizer, dataset.num_labels(inputs.raw, cfg.dataset, cfg.model.task)
     tokenized, choices = inputs.tokenized(cfg, splits=("eval",))
     whole = loss_rows is None or loss_rows >= len(tokenized["eval"])
     if not whole:  # the loss on a bounded number of rows: the same rows for both models, no scoring
@@ -151,11 +162,11 @@ def _no_quant():
 
 
 def _evaluate(net, tokenized, choices, tokenizer, cfg: TrainConfig) -> dict:
-    from spectraqlora import training
+    from spectraqlora.run import loop
 
     with tempfile.TemporaryDirectory(prefix="spectraqlora-export-") as scratch:
-        trainer = training.build_trainer(net, tokenized, tokenizer, cfg, Path(scratch), choices=choices)
-        return training.evaluate(trainer, cfg.model.task)
+        trainer = loop.build_trainer(net, tokenized, tokenizer, cfg, Path(scratch), choices=choices)
+        return loop.evaluate(trainer, cfg.model.task)
 
 
 def model_card(cfg: TrainConfig, run_dir: Path, adapter_only: bool, base: str, checks: dict) -> str:
@@ -232,7 +243,7 @@ def _source(path: str) -> str:
 def _gguf_origin(checkpoint_dir: Path) -> dict:
     """For a checkpoint converted from a GGUF (its gguf.json): the file's name and sha256, and
     the license its metadata names (general.license)."""
-    from spectraqlora.checkpoint import GGUF_MARK
+    from spectraqlora.store.checkpoint import GGUF_MARK
 
     mark = checkpoint_dir / GGUF_MARK
     if not mark.is_file():

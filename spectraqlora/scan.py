@@ -1,6 +1,6 @@
 """`python -m spectraqlora.scan model=... [selection=...]`: the scan and the selection alone,
 without training: snr.json, selection.json, the heatmap and Spectrum-compatible files in the run
-dir (scanner.py does the scan)."""
+dir (spectrum/scanner.py does the scan)."""
 from __future__ import annotations
 
 import logging
@@ -10,11 +10,11 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from spectraqlora import checkpoint, cli, rundir
-from spectraqlora.config import CONF_DIR, TrainConfig, to_train_config
+from spectraqlora import cli
+from spectraqlora.config import CONF_DIR, TrainConfig, show_progress, to_train_config
 from spectraqlora.errors import UserError, exit_on_user_error
-from spectraqlora.selection import selection_record
-from spectraqlora.telemetry import show_progress
+from spectraqlora.spectrum.selection import selection_record
+from spectraqlora.store import checkpoint, rundir
 
 log = logging.getLogger("spectraqlora.scan")
 
@@ -23,17 +23,18 @@ SCAN_PATTERNS = ["*.safetensors", "model.safetensors.index.json", "config.json"]
 
 def scan_to_dir(cfg: TrainConfig, run_dir: Path) -> list[str]:
     """Scan (fetching only safetensors from a hub), select, and write the scan's run dir."""
-    from spectraqlora import exports, telemetry
-    from spectraqlora.scanner import scan_and_select  # torch: after the config is checked
+    from spectraqlora.run import telemetry
+    from spectraqlora.spectrum import artifacts
+    from spectraqlora.spectrum.scanner import scan_and_select  # torch: after the config is checked
 
     telemetry.configure_progress(show_progress(cfg.logger))  # a GGUF conversion's bars too
     path = checkpoint.resolve(cfg.model, SCAN_PATTERNS)
     table, chosen = scan_and_select(checkpoint.safetensors_files(path), cfg)
-    exports.write_all(run_dir, table, chosen, exports.slug(cfg.model.name_or_path),
+    artifacts.write_all(run_dir, table, chosen, artifacts.slug(cfg.model.name_or_path),
                       cfg.selection.top_frac)
     rundir.write_json(run_dir / rundir.SELECTION, selection_record(cfg.selection, chosen))
     log.info("spectrum scan of %s: %d candidates, %d selected (%s)\n%s", cfg.model.name_or_path,
-             len(table), len(chosen), cfg.selection.strategy.value, exports.summary(table, chosen))
+             len(table), len(chosen), cfg.selection.strategy.value, artifacts.summary(table, chosen))
     log.info("wrote %s", run_dir)
     return chosen
 

@@ -1,11 +1,14 @@
 """`python -m spectraqlora.train [overrides]`: scan, select, quantize, adapt, train, evaluate.
 
-The command line becomes a recipe.Plan, which recipe.train runs; returns the final eval loss so
-any Hydra sweeper can minimize it. Under `accelerate launch` or `torchrun`, the main process
-composes the config and the other ranks follow its plan (distributed.py).
+The command line becomes a recipe.Plan; the main process prepares it, one broadcast shares it,
+every rank executes it (run/recipe.py). Returns the final eval loss, so that any Hydra sweeper can
+minimize it (spectraqlora's sweeper reads it from the run's metrics.json instead: docs/sweeps.md).
+Under `accelerate launch` or `torchrun`, the main process composes the config and the other
+ranks follow its plan (run/distributed.py).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import shlex
 import signal
@@ -17,12 +20,14 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from spectraqlora import cli, recipe, rundir
+from spectraqlora import cli
 from spectraqlora.config import CONF_DIR, to_train_config
-from spectraqlora.distributed import Launch, MainProcessFailed
 from spectraqlora.errors import Interrupted, UserError, exit_on_user_error
-from spectraqlora.sweep import current_trial, study_name
-from spectraqlora.telemetry import RunInfo
+from spectraqlora.run import recipe
+from spectraqlora.run.distributed import Launch, MainProcessFailed
+from spectraqlora.run.telemetry import RunInfo
+from spectraqlora.store import rundir
+from spectraqlora.sweep.study import current_trial, study_name
 
 log = logging.getLogger("spectraqlora.train")
 
@@ -37,7 +42,7 @@ def main() -> None:
         launch.start()
         if not launch.is_main:
             try:
-                recipe.train(None, launch)
+                recipe.execute(launch.share(), launch)
             except MainProcessFailed:  # the main process has said why
                 sys.exit(1)
             return
@@ -47,30 +52,45 @@ def main() -> None:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def hydra_main(cfg: DictConfig) -> float:
     hydra_cfg, launch = HydraConfig.get(), Launch.from_env()
-    multirun = hydra_cfg.mode is RunMode.MULTIRUN
     run_dir = Path(hydra_cfg.runtime.output_dir)
-    single = not multirun and not launch.launched
+    single = hydra_cfg.mode is not RunMode.MULTIRUN and not launch.launched
+    with one_line_errors(hydra_cfg, run_dir, launch, single):
+        plan = launch.share(lambda: recipe.prepare(job(cfg, hydra_cfg, run_dir, single)))
+        return recipe.execute(plan, launch)["eval_loss"]
+
+
+@contextlib.contextmanager
+def one_line_errors(hydra_cfg, run_dir: Path, launch: Launch, single: bool):
+    """The one guard around a run: a UserError (bad input, out of memory, a non-finite loss, a
+    signal) becomes one line on the terminal and an ERROR line in the run's log; a signal's line
+    says how to resume; a run refused before training leaves no run dir. In a multirun the error
+    goes on to Hydra, which records the job as failed and runs the next one."""
+    multirun = hydra_cfg.mode is RunMode.MULTIRUN
     if single:
         signal.signal(signal.SIGTERM, _raise_interrupt)  # as Ctrl-C, until training handles it
     with exit_on_user_error(reraise=multirun):
         try:
-            try:
-                metrics = recipe.train(lambda: job(cfg, hydra_cfg, run_dir, single), launch)
-            except KeyboardInterrupt as exc:
-                if not single:
-                    raise
-                signum = exc.args[0] if exc.args else signal.SIGINT
-                raise Interrupted(f"stopped by {signal.Signals(signum).name}", signum) from None
+            yield
+        except KeyboardInterrupt as exc:
+            if not single:
+                raise
+            signum = exc.args[0] if exc.args else signal.SIGINT
+            error = Interrupted(f"stopped by {signal.Signals(signum).name}", signum)
+            _said(error, hydra_cfg, run_dir, launch, multirun)
+            raise error from None
         except UserError as exc:
-            if isinstance(exc, Interrupted):
-                last = rundir.last_checkpoint(run_dir)
-                exc.args = (f"{exc}; " + (f"kept {last}; resume with: {resume_command(hydra_cfg, run_dir)}"
-                                          if last else "no checkpoint to resume from"),)
-            to_log_file(f"error: {exc}")  # the terminal gets it from exit_on_user_error
-            if not multirun and launch.is_main:
-                rundir.discard_if_untrained(run_dir)  # refused before training: no empty run dir
+            _said(exc, hydra_cfg, run_dir, launch, multirun)
             raise
-    return metrics["eval_loss"]
+
+
+def _said(exc: UserError, hydra_cfg, run_dir: Path, launch: Launch, multirun: bool) -> None:
+    if isinstance(exc, Interrupted):
+        last = rundir.last_checkpoint(run_dir)
+        exc.args = (f"{exc}; " + (f"kept {last}; resume with: {resume_command(hydra_cfg, run_dir)}"
+                                  if last else "no checkpoint to resume from"),)
+    to_log_file(f"error: {exc}")  # the terminal gets it from exit_on_user_error
+    if not multirun and launch.is_main:
+        rundir.discard_if_untrained(run_dir)  # refused before training: no empty run dir
 
 
 def say_model_preset(hydra_cfg, cfg) -> None:

@@ -5,8 +5,8 @@ import re
 import pytest
 import yaml
 
-from conftest import run_cli
 from spectraqlora.evaluate import evaluate_run
+from tests.helpers import run_cli
 
 
 def finished(run_dir):

@@ -5,8 +5,7 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
-from conftest import compose
-from spectraqlora.config import CONF_DIR, Quant, Strategy, Task, to_train_config
+from spectraqlora.config import CONF_DIR, Quant, Strategy, Task, compose, to_train_config
 from spectraqlora.errors import UserError
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from hydra_plugins.spectraqlora_optuna_sweeper.config import SpectraOptunaSweeperConf
 from spectraqlora.config import EvaluateConfig, ExportConfig, TrainConfig
+from spectraqlora.sweep.schema import SpectraOptunaSweeperConf
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DOCS = [sys.executable, str(ROOT / "scripts" / "config_docs.py")]

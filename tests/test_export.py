@@ -7,17 +7,17 @@ import sys
 import pytest
 import yaml
 
-from conftest import compose, run_cli
-from spectraqlora.config import to_train_config
-from spectraqlora import rundir
+from spectraqlora.config import compose, to_train_config
 from spectraqlora.errors import UserError
 from spectraqlora.export import export_run
+from spectraqlora.store import rundir
+from tests.helpers import run_cli
 
 # In a fresh interpreter: the merged checkpoint through transformers alone, its eval loss over the
 # rows the run's evaluations read, computed as the Trainer does (the batch mean loss, weighted by batch size).
 RELOAD = """
 import json, sys, torch, transformers
-from spectraqlora import batching, data
+from spectraqlora.data.dataset import batching, dataset
 from spectraqlora.config import load_run_config
 run_dir, merged = sys.argv[1], sys.argv[2]
 cfg = load_run_config(run_dir)
@@ -25,10 +25,10 @@ auto = {"classification": transformers.AutoModelForSequenceClassification,
         "causal_lm": transformers.AutoModelForCausalLM}[cfg.model.task.value]
 net = auto.from_pretrained(merged).eval()
 tokenizer = transformers.AutoTokenizer.from_pretrained(merged)
-raw = data.load(cfg.dataset, cfg.model.task, cfg.seed)
+raw = dataset.load(cfg.dataset, cfg.model.task, cfg.seed)
 if cfg.trainer.eval_rows:  # the rows the run's evaluations read
     raw["eval"] = raw["eval"].select(range(min(cfg.trainer.eval_rows, len(raw["eval"]))))
-rows = data.tokenize(raw, tokenizer, cfg.dataset, cfg.model.task)["eval"]
+rows = dataset.tokenize(raw, tokenizer, cfg.dataset, cfg.model.task)["eval"]
 collate, size = batching.collator(tokenizer, cfg.model.task), cfg.trainer.per_device_eval_batch_size
 total = 0.0
 with torch.no_grad():

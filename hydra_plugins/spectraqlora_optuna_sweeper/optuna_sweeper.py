@@ -1,4 +1,4 @@
-"""The Sweeper Hydra discovers; the work happens in _impl (imported only when sweeping)."""
+"""The Sweeper Hydra discovers; the work happens in spectraqlora.sweep.sweeper (imported only when sweeping)."""
 from typing import Any, List
 
 from hydra.plugins.sweeper import Sweeper
@@ -8,7 +8,7 @@ from omegaconf import DictConfig
 
 class SpectraOptunaSweeper(Sweeper):
     def __init__(self, **kwargs: Any) -> None:
-        from hydra_plugins.spectraqlora_optuna_sweeper._impl import SweeperImpl
+        from spectraqlora.sweep.sweeper import SweeperImpl
 
         self.sweeper = SweeperImpl(**kwargs)
 
