@@ -98,7 +98,7 @@ class Bench:
         import torch
 
         from spectraqlora.config import Batching
-        from spectraqlora.data.dataset import batching, scoring
+        from spectraqlora.data import batching, scoring
         from spectraqlora.run import build, losses, modeling
         from spectraqlora.spectrum.scanner import scan_and_select
         from spectraqlora.spectrum.selection import Selection

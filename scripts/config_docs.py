@@ -15,7 +15,7 @@ from pathlib import Path
 
 from omegaconf import MISSING
 
-from spectraqlora.config import EvaluateConfig, ExportConfig, TrainConfig
+from spectraqlora.config import SELECTIONS, EvaluateConfig, ExportConfig, SelectionConfig, TrainConfig
 from spectraqlora.sweep.schema import SpectraOptunaSweeperConf
 
 PAGE = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
@@ -59,11 +59,13 @@ def cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def section(cls, prefix: str = "", title: str = "") -> list[str]:
-    """One table for the plain keys of `cls`, then one section per nested schema."""
+def section(cls, prefix: str = "", title: str = "", skip: set[str] = frozenset()) -> list[str]:
+    """One table for the plain keys of `cls` (but `skip`), then one section per nested schema;
+    the selection group, one per strategy (each strategy's schema is its own)."""
     hints = typing.get_type_hints(cls)
     fields = dataclasses.fields(cls)
-    rows = [f for f in fields if not dataclasses.is_dataclass(hints[f.name]) and "help" in f.metadata]
+    rows = [f for f in fields if not dataclasses.is_dataclass(hints[f.name]) and "help" in f.metadata
+            and f.name not in skip]
     lines = []
     if rows:
         title = title or prefix.rstrip(".")
@@ -76,8 +78,19 @@ def section(cls, prefix: str = "", title: str = "") -> list[str]:
                          f"{cell(f.metadata.get('help', ''))} | {cell(check[1]) if check else ''} |")
         lines.append("")
     for f in fields:
-        if dataclasses.is_dataclass(hints[f.name]):
+        if hints[f.name] is SelectionConfig:
+            lines += selection_sections(f"{prefix}{f.name}.")
+        elif dataclasses.is_dataclass(hints[f.name]):
             lines += section(hints[f.name], f"{prefix}{f.name}.")
+    return lines
+
+
+def selection_sections(prefix: str) -> list[str]:
+    """The keys every strategy takes, then each strategy's own (selection=<strategy> picks them)."""
+    common = {f.name for f in dataclasses.fields(SelectionConfig)}
+    lines = section(SelectionConfig, prefix, "selection (every strategy)")
+    for strategy, schema in SELECTIONS.items():
+        lines += section(schema, prefix, f"selection={strategy.value}", skip=common)
     return lines
 
 

@@ -65,7 +65,9 @@ def describe(exc: Exception, config_name: str) -> str:
                 + f" (the options of {group} are: {', '.join(exc.options)})")
     if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and getattr(cause, "full_key", None):
         group, _, name = cause.full_key.rpartition(".")
-        valid, aliases = keys_of(config_name, group)
+        valid, aliases = keys_of(config_name, group, getattr(cause, "object_type", None))
+        if other := _read_by_another_strategy(cause, name, str(exc)):
+            return other
         near = nearest(name, valid, aliases)
         return (f"unknown key {cause.full_key}" + (f": did you mean {'.'.join(filter(None, [group, near]))}?" if near else "")
                 + (f" (the keys of {group or 'the top level'} are: {', '.join(valid)})" if valid else ""))
@@ -74,13 +76,29 @@ def describe(exc: Exception, config_name: str) -> str:
     return f"{first}: {detail}" if detail else first
 
 
-def keys_of(config_name: str, group: str) -> tuple[list[str], dict[str, str]]:
-    """The keys valid under group in the command's schema, and the aliases users bring from
-    other tools."""
+def _read_by_another_strategy(cause, name: str, message: str) -> str | None:
+    """A key of another selection strategy's schema, said as the schema's own refusals say it:
+    `selection.layers=[0] is read by selection=layers only, not selection=spectrum: ...`."""
+    import re
+
+    from spectraqlora import config
+
+    strategy = getattr(getattr(cause, "object_type", None), "strategy", None)
+    if not isinstance(strategy, config.Strategy):
+        return None
+    typed = re.search(rf"\+{re.escape(cause.full_key)}=(.*)$", message, re.M)  # Hydra: "use +key=value"
+    return config.read_by_another_strategy(name, strategy, typed[1] if typed else None)
+
+
+def keys_of(config_name: str, group: str, schema=None) -> tuple[list[str], dict[str, str]]:
+    """The keys valid under group in the command's schema (or in `schema`, the typed node's
+    own: a selection strategy's), and the aliases users bring from other tools."""
     import dataclasses
 
     from spectraqlora import config
 
+    if dataclasses.is_dataclass(schema):
+        return [f.name for f in dataclasses.fields(schema)], config._ALIASES
     schema, aliases = {"export": (config.ExportConfig, config.RUN_DIR_ALIASES),
                        "evaluate": (config.EvaluateConfig, config.RUN_DIR_ALIASES)}.get(
         config_name, (config.TrainConfig, config._ALIASES))  # train and scan

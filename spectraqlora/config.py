@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 
 from spectraqlora import resolvers
 from spectraqlora.cli import nearest
@@ -172,30 +172,151 @@ class DatasetConfig:
                        "where exact for the model, else padded)")
 
 
+def _strategy(strategy: Strategy):
+    return knob(strategy, "which modules get adapters: set by selection=<strategy>")
+
+
+def _top_frac(help: str = "fraction of layers kept per module type"):
+    return knob(0.25, help, check=lambda v: 0 < v <= 1, accepted="a fraction in (0, 1]")
+
+
 @dataclass
 class SelectionConfig:
-    strategy: Strategy = knob(Strategy.spectrum, "which modules get adapters")
-    top_frac: float = knob(0.25, "fraction of layers kept per module type",
-                           check=lambda v: 0 < v <= 1, accepted="a fraction in (0, 1]")
+    """What every strategy takes. Each strategy (selection=<strategy>) has a schema of its own with
+    the keys it reads, below; a key the chosen strategy does not read is refused while composing."""
+
+    # A strategy = its schema here (in SELECTIONS), its function in spectrum/selection.py
+    # (STRATEGIES) and conf/selection/<name>.yaml.
+
+    strategy: Strategy = knob(Strategy.spectrum, "which modules get adapters: set by selection=<strategy>")
     module_types: Optional[List[str]] = knob(
         None, "candidate module types (exact suffix after the layer index); null: every 2-D weight "
               "inside the transformer blocks")
-    min_per_type: int = knob(1, "spectrum, spectrum_global, random: at least this many modules per "
-                                "type (0: Spectrum's exact floor rule, which keeps none of a type "
-                                "when count x top_frac < 1)",
-                             check=lambda v: v >= 0, accepted="a non-negative integer")
-    snr_cutoff: float = knob(0.0, "snr_cutoff: every module with SNR >= this")
-    layers: Optional[List[int]] = knob(None, "layers: these layer indices (negative counts from the end)")
-    last_k: Optional[int] = knob(None, "layers: the last k layers (neither: the last top_frac of them)",
-                                 **optional_positive())
-    alpha_order: AlphaOrder = knob(AlphaOrder.high_first,
-                                   "alpha: high_first (AlphaLoRA: the least heavy-tailed, least-trained "
-                                   "layers) or low_first (the most heavy-tailed)")
-    num_modules: Optional[int] = knob(None, "kappa: exactly this many modules instead of top_frac",
-                                      **optional_positive())
-    min_layer: Optional[int] = knob(None, "any strategy: candidates from this layer up only (backward "
-                                          "then stops there: cheaper steps)",
+
+    def errors(self):
+        """`key=value ...` for each combination of this strategy's keys it cannot train as typed."""
+        return iter(())
+
+
+@dataclass
+class FromLayerSelection(SelectionConfig):
+    min_layer: Optional[int] = knob(None, "candidates from this layer up only (backward then stops "
+                                          "there: cheaper steps)",
                                     check=lambda v: v is None or v >= 0, accepted="a layer index (0 or more) or null")
+
+
+@dataclass
+class SpectrumSelection(FromLayerSelection):
+    """Per module type, the top_frac of its layers with the highest SNR."""
+
+    top_frac: float = _top_frac()
+    min_per_type: int = knob(1, "at least this many modules per type (0: Spectrum's exact floor "
+                                "rule, which keeps none of a type when count x top_frac < 1)",
+                             check=lambda v: v >= 0, accepted="a non-negative integer")
+
+
+@dataclass
+class SpectrumGlobalSelection(SpectrumSelection):
+    """One SNR ranking across every type; then the best of each type up to min_per_type."""
+
+    strategy: Strategy = _strategy(Strategy.spectrum_global)
+
+
+@dataclass
+class KappaPerTypeSelection(SpectrumSelection):
+    """Per module type, the lowest condition numbers."""
+
+    strategy: Strategy = _strategy(Strategy.kappa_per_type)
+
+
+@dataclass
+class RandomSelection(SpectrumSelection):
+    """The control: per type, as many modules as spectrum keeps, drawn with the run's seed."""
+
+    strategy: Strategy = _strategy(Strategy.random)
+
+
+@dataclass
+class AlphaSelection(SpectrumSelection):
+    """Per module type, ranked by the heavy-tail exponent (WeightWatcher's alpha)."""
+
+    strategy: Strategy = _strategy(Strategy.alpha)
+    alpha_order: AlphaOrder = knob(AlphaOrder.high_first,
+                                   "high_first (AlphaLoRA: the least heavy-tailed, least-trained "
+                                   "layers) or low_first (the most heavy-tailed)")
+
+
+@dataclass
+class SnrCutoffSelection(FromLayerSelection):
+    """Every candidate whose SNR reaches snr_cutoff."""
+
+    strategy: Strategy = _strategy(Strategy.snr_cutoff)
+    snr_cutoff: float = knob(1.0, "every module with SNR >= this")
+
+
+@dataclass
+class KappaSelection(FromLayerSelection):
+    """KappaTune, as peft ranks: the lowest condition numbers, one ranking across types."""
+
+    strategy: Strategy = _strategy(Strategy.kappa)
+    top_frac: float = _top_frac("max(1, int(count x top_frac)) of all candidates")
+    num_modules: Optional[int] = knob(None, "exactly this many modules instead of top_frac",
+                                      **optional_positive())
+
+    def errors(self):
+        if self.num_modules is not None and self.top_frac != _default(KappaSelection, "top_frac"):
+            yield (f"selection.top_frac={self.top_frac} is read by selection=kappa without num_modules "
+                   f"only, not selection=kappa with num_modules={self.num_modules}: drop it")
+
+
+@dataclass
+class LayersSelection(SelectionConfig):
+    """Every candidate of the given layers, of the last k, or of the last top_frac of them."""
+
+    strategy: Strategy = _strategy(Strategy.layers)
+    layers: Optional[List[int]] = knob(None, "these layer indices (negative counts from the end)")
+    last_k: Optional[int] = knob(None, "the last k layers (neither: the last top_frac of them)",
+                                 **optional_positive())
+    top_frac: float = _top_frac("with neither layers nor last_k: the last floor(n x top_frac) layers")
+
+    def errors(self):
+        if self.layers is not None and self.last_k is not None:
+            yield (f"selection.layers={self.layers} and selection.last_k={self.last_k}: give one of them, "
+                   f"not both")
+        if self.layers is not None and not self.layers:
+            yield "selection.layers=[] names no layer: give layer indices, or null"
+        if (self.layers is not None or self.last_k is not None) and \
+                self.top_frac != _default(LayersSelection, "top_frac"):
+            yield (f"selection.top_frac={self.top_frac} is read by selection=layers without layers or last_k "
+                   f"only, not with {'layers' if self.layers is not None else 'last_k'}: drop it")
+
+
+@dataclass
+class AllSelection(FromLayerSelection):
+    """Plain QLoRA: every candidate."""
+
+    strategy: Strategy = _strategy(Strategy.all)
+
+
+@dataclass
+class NoneSelection(SelectionConfig):
+    """No adapters: only model.head_modules train (the linear-probe baseline)."""
+
+    strategy: Strategy = _strategy(Strategy.none)
+
+
+SELECTIONS = {schema.strategy: schema for schema in (
+    SpectrumSelection, SpectrumGlobalSelection, SnrCutoffSelection, KappaSelection, KappaPerTypeSelection,
+    AlphaSelection, RandomSelection, LayersSelection, AllSelection, NoneSelection)}
+
+
+def selection_config(strategy: Strategy = Strategy.spectrum, **keys) -> SelectionConfig:
+    """The schema of `strategy` with these keys (tests, scripts)."""
+    return SELECTIONS[strategy](**keys)
+
+
+def _default(schema, name: str):
+    return schema.__dataclass_fields__[name].default
 
 
 @dataclass
@@ -289,7 +410,7 @@ def show_progress(logger: LoggerConfig) -> bool:
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
-    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    selection: SelectionConfig = MISSING  # the schema of the strategy selection=<name> picks (SELECTIONS)
     lora: LoraConfig = field(default_factory=LoraConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -320,17 +441,14 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                         f"{cfg.lora.r_max}: expected r_min <= r <= r_max")
     if error := next(unread_keys(cfg), None):
         raise UserError(error)
-    if cfg.selection.min_layer is not None and cfg.selection.strategy in (Strategy.layers, Strategy.none):
-        raise UserError(f"selection.min_layer={cfg.selection.min_layer} with selection="
-                        f"{cfg.selection.strategy.value}: that strategy names its layers itself; drop min_layer")
+    if type(cfg.selection) is not SELECTIONS[cfg.selection.strategy]:
+        raise UserError(f"selection.strategy={cfg.selection.strategy.value} with the keys of another strategy: "
+                        f"choose the strategy with selection={cfg.selection.strategy.value} (it brings its own keys)")
+    if error := next(cfg.selection.errors(), None):
+        raise UserError(error)
     if cfg.dataset.label_names is not None and cfg.model.task is not Task.classification:
         raise UserError(f"dataset.label_names is for classification; model.task={cfg.model.task.value} "
                         f"learns the response text")
-    if cfg.selection.layers is not None and cfg.selection.last_k is not None:
-        raise UserError(f"selection.layers={cfg.selection.layers} and selection.last_k="
-                        f"{cfg.selection.last_k}: give one of them, not both")
-    if cfg.selection.layers is not None and not cfg.selection.layers:
-        raise UserError("selection.layers=[] names no layer: give layer indices, or null")
     if cfg.selection.strategy is Strategy.none and not cfg.model.head_modules and \
             cfg.model.task is not Task.classification:
         raise UserError("selection=none trains only the classification head (model.head_modules), "
@@ -350,28 +468,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
-_FRACTION = {Strategy.spectrum, Strategy.spectrum_global, Strategy.kappa_per_type, Strategy.alpha, Strategy.random}
 # key -> (read by this config?, who reads it, what to type instead). A key set to anything but its
 # schema default where nothing reads it would be saved and ignored: the run would train
-# something other than what was typed.
+# something other than what was typed. (A selection key the strategy does not read is not in its
+# schema: Hydra refuses it while composing.)
 _READ_BY = {
-    "selection.top_frac": (lambda c: c.selection.strategy in _FRACTION
-                           or (c.selection.strategy is Strategy.kappa and c.selection.num_modules is None)
-                           or (c.selection.strategy is Strategy.layers and c.selection.layers is None
-                               and c.selection.last_k is None)
-                           or (c.selection.strategy is Strategy.all and c.selection.top_frac == 1.0),
-                           "selection=spectrum, spectrum_global, kappa (without num_modules), "
-                           "kappa_per_type, alpha, random, layers (without layers or last_k)", "drop it"),
-    "selection.min_per_type": (lambda c: c.selection.strategy in _FRACTION,
-                               "selection=spectrum, spectrum_global, kappa_per_type, alpha, random", "drop it"),
-    "selection.alpha_order": (lambda c: c.selection.strategy is Strategy.alpha, "selection=alpha",
-                              "add selection=alpha"),
-    "selection.snr_cutoff": (lambda c: c.selection.strategy is Strategy.snr_cutoff,
-                             "selection=snr_cutoff", "add selection=snr_cutoff"),
-    "selection.layers": (lambda c: c.selection.strategy is Strategy.layers, "selection=layers", "add selection=layers"),
-    "selection.last_k": (lambda c: c.selection.strategy is Strategy.layers, "selection=layers", "add selection=layers"),
-    "selection.num_modules": (lambda c: c.selection.strategy is Strategy.kappa, "selection=kappa",
-                              "use selection.top_frac"),
     "lora.r_min": (lambda c: c.lora.rank_allocation is RankAllocation.snr, "lora.rank_allocation=snr",
                    "add lora.rank_allocation=snr"),
     "lora.r_max": (lambda c: c.lora.rank_allocation is RankAllocation.snr, "lora.rank_allocation=snr",
@@ -387,8 +488,7 @@ def unread_keys(cfg: TrainConfig):
         node = getattr(cfg, group)
         value = getattr(node, name)
         if not read(cfg) and value != node.__dataclass_fields__[name].default:
-            now = (f"selection={cfg.selection.strategy.value}" if group == "selection"
-                   else f"lora.rank_allocation={cfg.lora.rank_allocation.value}")
+            now = f"lora.rank_allocation={cfg.lora.rank_allocation.value}"
             shown = value.value if isinstance(value, enum.Enum) else value
             yield f"{key}={shown} is read by {readers} only, not {now}: {fix}"
 
@@ -410,16 +510,70 @@ def unknown_keys(node: DictConfig, schema=TrainConfig, prefix: str = "") -> list
             near = nearest(key, list(hints), _ALIASES)
             found.append((prefix + key, prefix + near if near else ""))
         elif dataclasses.is_dataclass(hints[key]) and isinstance(node[key], DictConfig):
-            found += unknown_keys(node[key], hints[key], f"{prefix}{key}.")
+            found += unknown_keys(node[key], _node_schema(node[key], hints[key]), f"{prefix}{key}.")
     return found
+
+
+def _node_schema(node: DictConfig, declared):
+    """The schema a node is checked against: its own type (a strategy's schema, where the field
+    names the base), or for a plain selection node, its strategy's."""
+    typed = OmegaConf.get_type(node)
+    if dataclasses.is_dataclass(typed):
+        return typed
+    if declared is SelectionConfig:
+        return SELECTIONS[Strategy(node.get("strategy", Strategy.spectrum.value))]
+    return declared
+
+
+def read_by_another_strategy(name: str, strategy: Strategy, value=None) -> str | None:
+    """`selection.<name>=<value> is read by selection=A, B only, not selection=<strategy>: ...` where
+    the key is another strategy's, else None."""
+    readers = [s.value for s, schema in SELECTIONS.items() if name in schema.__dataclass_fields__]
+    if not readers or strategy.value in readers:
+        return None
+    fix = f"add selection={readers[0]}" if len(readers) == 1 else "drop it"
+    return (f"selection.{name}{'' if value is None else f'={value}'} is read by selection={', '.join(readers)} "
+            f"only, not selection={strategy.value}: {fix}")
+
+
+# what each selection key held before each strategy had its own schema, where its strategy did
+# not read it (the values a run's record then carried for every strategy)
+_FORMER_DEFAULTS = {"top_frac": (0.25, 1.0), "min_per_type": (1,), "snr_cutoff": (0.0,), "layers": (None,),
+                    "last_k": (None,), "alpha_order": ("high_first",), "num_modules": (None,), "min_layer": (None,)}
+
+
+def _typed_selection(cfg: DictConfig) -> DictConfig:
+    """A config whose selection is plain (a run's record: .hydra/config.yaml) under the schema of
+    its strategy. Records written before each strategy had its own schema hold every strategy's
+    keys: a key its strategy does not read is dropped where it holds its former default (a run
+    could not set it otherwise), else refused."""
+    node = cfg.get("selection")
+    if not isinstance(node, DictConfig) or dataclasses.is_dataclass(OmegaConf.get_type(node)):
+        return cfg
+    schema = _node_schema(node, SelectionConfig)
+    kept = {key: value for key, value in node.items()  # an unknown key, or one set away from its former
+            if key in schema.__dataclass_fields__ or value not in _FORMER_DEFAULTS.get(key, (value,))}  # default: refused
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.selection = OmegaConf.merge(OmegaConf.structured(schema), kept) if kept.keys() <= \
+            schema.__dataclass_fields__.keys() else OmegaConf.create(kept)
+    return cfg
 
 
 def to_train_config(cfg: DictConfig) -> TrainConfig:
     """The composed Hydra config as typed, resolved, validated dataclasses."""
+    try:
+        cfg = _typed_selection(cfg)
+    except ValueError as exc:  # a strategy no schema has
+        raise UserError(f"selection.strategy: {exc}") from None
     if unknown := unknown_keys(cfg):
         key, near = unknown[0]
-        group, _, _ = key.rpartition(".")
-        known = [f.name for f in dataclasses.fields(_schema_at(group))]
+        group, _, name = key.rpartition(".")
+        if group == "selection" and (other := read_by_another_strategy(
+                name, Strategy(cfg.selection.get("strategy", "spectrum")), cfg.selection[name])):
+            raise UserError(other)
+        schema = _node_schema(OmegaConf.select(cfg, group), _schema_at(group)) if group else TrainConfig
+        known = [f.name for f in dataclasses.fields(schema)]
         raise UserError(f"unknown key {key}" + (f": did you mean {near}?" if near else "")
                         + f" (the keys of {group or 'the top level'} are: {', '.join(known)})")
     try:
@@ -535,6 +689,8 @@ def checked(options):
 
 resolvers.register()
 ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+for _strategy_name, _schema in SELECTIONS.items():  # conf/selection/<name>.yaml: defaults [schema/<name>@_here_]
+    ConfigStore.instance().store(group="selection/schema", name=_strategy_name.value, node=_schema)
 ConfigStore.instance().store(name="export_schema", node=ExportConfig)
 ConfigStore.instance().store(name="evaluate_schema", node=EvaluateConfig)
 

@@ -27,7 +27,7 @@ def evaluate_run(run_dir: Path | None, **options) -> dict:
     opts = checked(EvaluateConfig(run_dir=run_dir, **options))
     run_dir = rundir.finished_run(run_dir and Path(run_dir), "evaluate")
     cfg = load_run_config(run_dir)
-    from spectraqlora.data.dataset import dataset  # torch: after the checks
+    from spectraqlora.data import dataset  # torch: after the checks
     from spectraqlora.run import build, loop
 
     cfg.logger.name = Logger.none  # a re-evaluation is not a new W&B run

@@ -103,7 +103,7 @@ def merge(cfg: TrainConfig, run_dir: Path, out: Path, dtype: str, base: str, che
     import torch
     from datasets import DatasetDict
 
-    from spectraqlora.data.dataset import batching, dataset
+    from spectraqlora.data import batching, dataset
     from spectraqlora.run import build, modeling
 
     inputs = build.load_inputs(cfg)
@@ -200,8 +200,7 @@ def model_card(cfg: TrainConfig, run_dir: Path, adapter_only: bool, base: str, c
                                    f"(sha256 {gguf['sha256'][:12]}), close to, not equal to, the original"
                                    if gguf else ""),
              f"- Dataset: `dataset={cfg.dataset.name}` ({_source(cfg.dataset.path)}), max_length {cfg.dataset.max_length}",
-             f"- Selection: `{selection['strategy']}`, top_frac {selection['top_frac']}: "
-             f"{len(modules)} adapted modules",
+             f"- Selection: `{selection['strategy']}`{_knobs(selection)}: {len(modules)} adapted modules",
              f"- LoRA: r={cfg.lora.r}, alpha={cfg.lora.alpha}, dropout={cfg.lora.dropout}"
              + (" (ranks by SNR, below)" if ranks else ""),
              f"- Steps: {metrics['train_steps']}, learning rate {cfg.trainer.learning_rate}, "
@@ -229,6 +228,14 @@ def model_card(cfg: TrainConfig, run_dir: Path, adapter_only: bool, base: str, c
 def _is_hub_id(name: str) -> bool:
     """`org/name` as the hub spells ids, not a path on this machine."""
     return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", name)) and not Path(name).exists()
+
+
+def _knobs(selection: dict) -> str:
+    """`, top_frac 0.25`: the strategy's keys that say how much it keeps, as selection.json has them."""
+    counted = any(selection.get(k) is not None for k in ("num_modules", "layers", "last_k"))  # top_frac unread
+    return "".join(f", {k} {selection[k]}" for k in ("top_frac", "num_modules", "snr_cutoff", "layers", "last_k",
+                                                     "min_layer")
+                   if selection.get(k) is not None and not (k == "top_frac" and counted))
 
 
 def _source(path: str) -> str:

@@ -30,8 +30,8 @@ def scan_to_dir(cfg: TrainConfig, run_dir: Path) -> list[str]:
     telemetry.configure_progress(show_progress(cfg.logger))  # a GGUF conversion's bars too
     path = checkpoint.resolve(cfg.model, SCAN_PATTERNS)
     table, chosen = scan_and_select(checkpoint.safetensors_files(path), cfg)
-    artifacts.write_all(run_dir, table, chosen, artifacts.slug(cfg.model.name_or_path),
-                      cfg.selection.top_frac)
+    kept = getattr(cfg.selection, "top_frac", len(chosen) / max(len(table), 1))  # names spectrum.py's file
+    artifacts.write_all(run_dir, table, chosen, artifacts.slug(cfg.model.name_or_path), kept)
     rundir.write_json(run_dir / rundir.SELECTION, selection_record(cfg.selection, chosen))
     log.info("spectrum scan of %s: %d candidates, %d selected (%s)\n%s", cfg.model.name_or_path,
              len(table), len(chosen), cfg.selection.strategy.value, artifacts.summary(table, chosen))

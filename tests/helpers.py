@@ -10,10 +10,25 @@ ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ("model=tiny_llama", "trainer=smoke", "selection=random", "trainer.save_steps=5", "dataset.eval_size=64")
 
 
-def smoke_config(*overrides):
-    from spectraqlora.config import compose, to_train_config
+def typed_config(*overrides: str):
+    """The typed config of these overrides, or the UserError the command line would print: what
+    Hydra refuses while composing (a key the strategy does not read) said as the CLI says it."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
 
-    return to_train_config(compose(*SMOKE, *overrides))
+    from spectraqlora.cli import describe
+    from spectraqlora.config import compose, to_train_config
+    from spectraqlora.errors import UserError
+
+    try:
+        composed = compose(*overrides)
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise UserError(describe(exc, "train")) from None
+    return to_train_config(composed)
+
+
+def smoke_config(*overrides):
+    return typed_config(*SMOKE, *overrides)
 
 
 def run_cli(module: str, *overrides: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:

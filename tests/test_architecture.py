@@ -28,8 +28,7 @@ def imported(path: Path) -> set[str]:
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("spectraqlora"):
-            names = [f"{node.module}.{a.name}" for a in node.names] if node.module == "spectraqlora" else [node.module]
-            found.update(names)
+            found.update(f"{node.module}.{a.name}" for a in node.names)  # a module, or a name in one
         elif isinstance(node, ast.Import):
             found.update(a.name for a in node.names if a.name.startswith("spectraqlora."))
     return found

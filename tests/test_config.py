@@ -7,6 +7,7 @@ from omegaconf.errors import ValidationError
 
 from spectraqlora.config import CONF_DIR, Quant, Strategy, Task, compose, to_train_config
 from spectraqlora.errors import UserError
+from tests.helpers import typed_config
 
 
 def test_default_is_minilm_nf4_spectrum_quarter_r8():
@@ -147,7 +148,8 @@ def test_a_runs_relative_paths_are_read_from_where_it_was_started(tmp_path):
     (["selection=random", "selection.last_k=2"], "selection.last_k=2 is read by selection=layers only"),
     (["model=tiny_llama", "dataset.label_names=[a,b]"], "dataset.label_names is for classification"),
     (["selection=all", "selection.top_frac=0.3"], "selection.top_frac=0.3 is read by selection=spectrum"),
-    (["selection=kappa", "selection.num_modules=10", "selection.top_frac=0.5"], "not selection=kappa: drop it"),
+    (["selection=kappa", "selection.num_modules=10", "selection.top_frac=0.5"],
+     "not selection=kappa with num_modules=10: drop it"),
     (["selection=kappa", "selection.min_per_type=3"], "selection.min_per_type=3 is read by"),
     (["selection.snr_cutoff=2.0"], "selection.snr_cutoff=2.0 is read by selection=snr_cutoff only"),
     (["lora.r_max=16"], "lora.r_max=16 is read by lora.rank_allocation=snr only, not lora.rank_allocation=uniform"),
@@ -155,7 +157,7 @@ def test_a_runs_relative_paths_are_read_from_where_it_was_started(tmp_path):
 def test_keys_the_run_would_ignore_are_refused(overrides, message):
     """Each of these once trained something else and exited 0."""
     with pytest.raises(UserError, match=re.escape(message)):
-        to_train_config(compose(*overrides))
+        typed_config(*overrides)
 
 
 def test_the_scheduler_names_are_transformers_own():
@@ -182,3 +184,26 @@ def test_ctrl_c_in_a_multirun_is_one_line_with_how_to_go_on(capsys):
     line = capsys.readouterr().err.strip().splitlines()
     assert len(line) == 1 and line[0].startswith("error: stopped by SIGINT: finished runs keep their dirs")
     assert "the same command with that hydra.sweep.dir (or the same hydra.sweeper.storage) continues it" in line[0]
+
+
+def test_a_record_from_before_each_strategy_had_its_schema_still_loads():
+    """.hydra/config.yaml of older runs holds every strategy's keys (those its strategy did not
+    read at their defaults): evaluate, export and resume read it under its strategy's schema; a
+    key set away from its former default is refused, not dropped."""
+    from omegaconf import OmegaConf
+
+    from spectraqlora.config import AllSelection, LayersSelection
+
+    def record(**selection):
+        base = OmegaConf.to_container(compose("selection=layers", "selection.last_k=2"))
+        base["selection"] = {"strategy": "spectrum", "top_frac": 0.25, "module_types": None, "min_per_type": 1,
+                             "snr_cutoff": 0.0, "layers": None, "last_k": None, "alpha_order": "high_first",
+                             "num_modules": None, "min_layer": None, **selection}
+        return OmegaConf.create(base)
+
+    layers = to_train_config(record(strategy="layers", last_k=2)).selection
+    assert isinstance(layers, LayersSelection) and layers.last_k == 2
+    assert isinstance(to_train_config(record(strategy="all", top_frac=1.0)).selection, AllSelection)
+    with pytest.raises(UserError, match=r"selection.layers=\[3\] is read by selection=layers only, not "
+                                        r"selection=spectrum"):
+        to_train_config(record(layers=[3]))

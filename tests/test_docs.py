@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from spectraqlora.config import EvaluateConfig, ExportConfig, TrainConfig
+from spectraqlora.config import SELECTIONS, EvaluateConfig, ExportConfig, SelectionConfig, TrainConfig
 from spectraqlora.sweep.schema import SpectraOptunaSweeperConf
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,7 +19,10 @@ CONFIG_DOCS = [sys.executable, str(ROOT / "scripts" / "config_docs.py")]
 def keys(cls, prefix=""):
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(hints[f.name]):
+        if hints[f.name] is SelectionConfig:  # every strategy's schema
+            for schema in SELECTIONS.values():
+                yield from keys(schema, f"{prefix}{f.name}.")
+        elif dataclasses.is_dataclass(hints[f.name]):
             yield from keys(hints[f.name], f"{prefix}{f.name}.")
         elif "help" in f.metadata:
             yield f"{prefix}{f.name}", f.metadata["help"]

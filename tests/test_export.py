@@ -17,7 +17,7 @@ from tests.helpers import run_cli
 # rows the run's evaluations read, computed as the Trainer does (the batch mean loss, weighted by batch size).
 RELOAD = """
 import json, sys, torch, transformers
-from spectraqlora.data.dataset import batching, dataset
+from spectraqlora.data import batching, dataset
 from spectraqlora.config import load_run_config
 run_dir, merged = sys.argv[1], sys.argv[2]
 cfg = load_run_config(run_dir)

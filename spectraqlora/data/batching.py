@@ -16,8 +16,8 @@ import logging
 import sys
 
 from spectraqlora.config import Batching, Task
+from spectraqlora.data import attention
 from spectraqlora.data.chat import IGNORE_INDEX
-from spectraqlora.data.dataset import attention
 from spectraqlora.errors import UserError
 
 log = logging.getLogger(__name__)

@@ -15,8 +15,8 @@ from collections import Counter
 from datasets import ClassLabel, Dataset, DatasetDict
 
 from spectraqlora.config import DatasetConfig, Task
+from spectraqlora.data import batching, sources
 from spectraqlora.data.chat import IGNORE_INDEX, _labeled_chat, chat_template_on
-from spectraqlora.data.dataset import batching, sources
 from spectraqlora.errors import UserError
 
 log = logging.getLogger(__name__)

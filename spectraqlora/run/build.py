@@ -11,7 +11,7 @@ from typing import Any
 from datasets import DatasetDict
 
 from spectraqlora.config import TrainConfig
-from spectraqlora.data.dataset import dataset, scoring
+from spectraqlora.data import dataset, scoring
 from spectraqlora.run import modeling
 from spectraqlora.spectrum.selection import Selection
 from spectraqlora.store import checkpoint

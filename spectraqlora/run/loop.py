@@ -14,7 +14,7 @@ import transformers
 from transformers import TrainingArguments
 
 from spectraqlora.config import Batching, NonFinite, Task, TrainConfig, show_progress
-from spectraqlora.data.dataset import batching, scoring
+from spectraqlora.data import batching, scoring
 from spectraqlora.errors import NonFiniteLoss
 from spectraqlora.run import losses, metrics
 from spectraqlora.run.telemetry import Telemetry

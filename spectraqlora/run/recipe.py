@@ -55,9 +55,9 @@ def run(plan: Plan, launch: Launch = SINGLE) -> dict:
 
 
 def _describe(cfg: TrainConfig) -> str:
-    return (f"model={cfg.model.name_or_path}, selection={cfg.selection.strategy.value} top_frac="
-            f"{cfg.selection.top_frac}, lora.r={cfg.lora.r}, quant={cfg.quant.mode.value}, "
-            f"trainer.per_device_train_batch_size={cfg.trainer.per_device_train_batch_size}, "
+    top_frac = f" top_frac={cfg.selection.top_frac}" if hasattr(cfg.selection, "top_frac") else ""
+    return (f"model={cfg.model.name_or_path}, selection={cfg.selection.strategy.value}{top_frac}, "
+            f"lora.r={cfg.lora.r}, quant={cfg.quant.mode.value}, trainer.per_device_train_batch_size={cfg.trainer.per_device_train_batch_size}, "
             f"dataset.max_length={cfg.dataset.max_length}")
 
 
@@ -182,8 +182,9 @@ def _execute(job: Plan, launch: Launch) -> dict:
     with telemetry.session(cfg, job.run_dir, job.info, launch.is_main) as tel:
         tel.selection(selection.table, selection.chosen, selection.heatmap)
         tel.log({"params/trainable": trainable, "params/trainable_frac": trainable / total,
-                 "selection/num_modules": len(selection.chosen), "selection/top_frac": cfg.selection.top_frac,
-                 "lora/r": cfg.lora.r}, step=0)
+                 "selection/num_modules": len(selection.chosen), "lora/r": cfg.lora.r}
+                | ({"selection/top_frac": cfg.selection.top_frac} if hasattr(cfg.selection, "top_frac") else {}),
+                step=0)
         meter, stopper = loop.TelemetryCallback(tel, cfg.model.task), loop.StopOnSignal()
         callbacks = [meter, stopper] + ([loop.PruningCallback(job.trial)] if job.trial else [])
         trainer = loop.build_trainer(net, tokenized, inputs.tokenizer, cfg, job.run_dir, callbacks,
@@ -231,7 +232,7 @@ def fit(trainer, job: Plan, stopper) -> tuple[dict, dict, float]:
 def record(job: Plan, inputs, targets: list[str], trainable: int, result: dict, tel) -> None:
     """selection.json (with the base checkpoint's identity, which export checks), the W&B
     summary, and metrics.json last: it marks the run finished."""
-    from spectraqlora.data.dataset import dataset
+    from spectraqlora.data import dataset
     from spectraqlora.spectrum.cache import identity
 
     selection = job.selection

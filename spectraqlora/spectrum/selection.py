@@ -1,9 +1,10 @@
 """Selection strategies: from the snr.json table to the checkpoint module names that get adapters,
 and the optional SNR-driven rank allocation.
 
-Each strategy is a small function of the table (rows with "type", "layer", "snr", "shape").
-The fraction-based ones (spectrum, spectrum_global, kappa_per_type, alpha, random) then keep at least
-`min_per_type` modules of every candidate type; kappa ranks as peft's KappaTuneSelector does.
+Each strategy is a small function of the table (rows with "type", "layer", "snr", "shape"),
+found through STRATEGIES; its keys are its schema's (config.SELECTIONS). The fraction-based ones
+(spectrum, spectrum_global, kappa_per_type, alpha, random) keep at least `min_per_type` modules of
+every candidate type; kappa ranks as peft's KappaTuneSelector does.
 """
 from __future__ import annotations
 
@@ -11,14 +12,12 @@ import hashlib
 import math
 import random
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from enum import Enum
 from pathlib import Path
 
 from spectraqlora.config import AlphaOrder, SelectionConfig, Strategy
 from spectraqlora.errors import UserError
-
-NEEDS_SNR = {Strategy.spectrum, Strategy.spectrum_global, Strategy.snr_cutoff, Strategy.kappa,
-             Strategy.kappa_per_type, Strategy.alpha}  # the scan's singular values: SNR, kappa, alpha
 
 
 @dataclass
@@ -201,41 +200,41 @@ def from_layer(table: dict[str, dict], min_layer: int | None) -> dict[str, dict]
     return {name: row for name, row in table.items() if row["layer"] >= min_layer}
 
 
+# strategy -> (its function of the candidates, its schema and the run's seed; whether it needs
+# the scan's singular values: SNR, kappa, alpha)
+STRATEGIES = {
+    Strategy.spectrum: (lambda t, c, seed: spectrum(t, c.top_frac, c.min_per_type), True),
+    Strategy.spectrum_global: (lambda t, c, seed: spectrum_global(t, c.top_frac, c.min_per_type), True),
+    Strategy.snr_cutoff: (lambda t, c, seed: snr_cutoff(t, c.snr_cutoff), True),
+    Strategy.kappa: (lambda t, c, seed: kappa(t, c.top_frac, c.num_modules), True),
+    Strategy.kappa_per_type: (lambda t, c, seed: kappa_per_type(t, c.top_frac, c.min_per_type), True),
+    Strategy.alpha: (lambda t, c, seed: alpha_per_type(t, c.top_frac, c.alpha_order, c.min_per_type), True),
+    Strategy.random: (lambda t, c, seed: at_random(t, c.top_frac, seed, c.min_per_type), False),
+    Strategy.layers: (lambda t, c, seed: layers(t, c.layers, c.last_k, c.top_frac), False),
+    Strategy.all: (lambda t, c, seed: list(t), False),
+    Strategy.none: (lambda t, c, seed: [], False),
+}
+NEEDS_SNR = {strategy for strategy, (_, needs_snr) in STRATEGIES.items() if needs_snr}
+
+
 def select(table: dict[str, dict], cfg: SelectionConfig, seed: int = 0) -> list[str]:
     """Module names chosen by the configured strategy (among the candidates from
-    selection.min_layer up), in checkpoint order."""
-    full, table, s = table, from_layer(table, cfg.min_layer), cfg.strategy
-    if s is Strategy.spectrum:
-        chosen = spectrum(table, cfg.top_frac, cfg.min_per_type)
-    elif s is Strategy.spectrum_global:
-        chosen = spectrum_global(table, cfg.top_frac, cfg.min_per_type)
-    elif s is Strategy.snr_cutoff:
-        chosen = snr_cutoff(table, cfg.snr_cutoff)
-    elif s is Strategy.kappa:
-        chosen = kappa(table, cfg.top_frac, cfg.num_modules)
-    elif s is Strategy.kappa_per_type:
-        chosen = kappa_per_type(table, cfg.top_frac, cfg.min_per_type)
-    elif s is Strategy.alpha:
-        chosen = alpha_per_type(table, cfg.top_frac, cfg.alpha_order, cfg.min_per_type)
-    elif s is Strategy.random:
-        chosen = at_random(table, cfg.top_frac, seed, cfg.min_per_type)
-    elif s is Strategy.layers:
-        chosen = layers(table, cfg.layers, cfg.last_k, cfg.top_frac)
-    elif s is Strategy.none:
-        return []
-    else:
-        chosen = list(table)
-    if not chosen:
-        raise UserError(f"selection={s.value} keeps no module ({_why_empty(table, cfg)}); "
+    selection.min_layer up, where the strategy takes it), in checkpoint order."""
+    full, table = table, from_layer(table, getattr(cfg, "min_layer", None))
+    choose, _ = STRATEGIES[cfg.strategy]
+    keep = set(choose(table, cfg, seed))
+    if not keep and cfg.strategy is not Strategy.none:
+        raise UserError(f"selection={cfg.strategy.value} keeps no module ({_why_empty(table, cfg)}); "
                         f"the types here are: {', '.join(sorted(by_type(table)))}")
-    keep = set(chosen)
     return [name for name in full if name in keep]
 
 
 def _why_empty(table: dict[str, dict], cfg: SelectionConfig) -> str:
-    if cfg.strategy is Strategy.snr_cutoff:
+    if table and cfg.strategy is Strategy.snr_cutoff:
         best = max(row["snr"] for row in table.values())
         return f"no SNR reaches selection.snr_cutoff={cfg.snr_cutoff}; the highest is {best:.4g}"
+    if not table or not hasattr(cfg, "top_frac"):
+        return "no candidate module"
     most = max(len(names) for names in by_type(table).values())
     return (f"selection.top_frac={cfg.top_frac} with selection.min_per_type={cfg.min_per_type}; "
             f"the most layers a type has is {most}: use selection.top_frac>={1 / most:.4g} "
@@ -243,9 +242,9 @@ def _why_empty(table: dict[str, dict], cfg: SelectionConfig) -> str:
 
 
 def selection_record(cfg: SelectionConfig, chosen: list[str], **extra) -> dict:
-    """selection.json: the strategy, its knobs and the chosen checkpoint module names."""
-    return {"strategy": cfg.strategy.value, "top_frac": cfg.top_frac,
-            "min_per_type": cfg.min_per_type, "modules": chosen, **extra}
+    """selection.json: the strategy, its keys and the chosen checkpoint module names."""
+    keys = {k: v.value if isinstance(v, Enum) else v for k, v in asdict(cfg).items()}
+    return {**keys, "modules": chosen, **extra}
 
 
 def check_ranks_fit(table: dict[str, dict], chosen: list[str], r: int,

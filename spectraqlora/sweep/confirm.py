@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from spectraqlora.errors import UserError
 from spectraqlora.store import rundir
-from spectraqlora.sweep.study import repeats as rep
+from spectraqlora.sweep import repeats as rep
 
 log = logging.getLogger(__name__)
 CONFIRMATION = "confirmation.yaml"

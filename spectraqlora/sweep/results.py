@@ -12,7 +12,7 @@ import optuna
 from omegaconf import OmegaConf
 
 from spectraqlora.store import rundir
-from spectraqlora.sweep.study import repeats as rep
+from spectraqlora.sweep import repeats as rep
 
 log = logging.getLogger(__name__)
 State = optuna.trial.TrialState

@@ -119,6 +119,7 @@ def check_bounds(config_loader, config, fixed: list[str], space: dict) -> None:
     lora.r=choice(0,-4)) is one line, not a failure per trial."""
     from omegaconf import open_dict
 
+    from spectraqlora.cli import describe
     from spectraqlora.config import to_train_config
 
     for name, dist in space.items():
@@ -131,9 +132,8 @@ def check_bounds(config_loader, config, fixed: list[str], space: dict) -> None:
                 to_train_config(job)
             except UserError as exc:
                 raise UserError(f"the search space of {name} reaches {override}: {exc}") from None
-            except Exception as exc:  # Hydra's, composing it (a wrong type)
-                raise UserError(f"the search space of {name} reaches {override}: "
-                                f"{str(exc).splitlines()[0]}") from None
+            except Exception as exc:  # Hydra's, composing it (a wrong type, a key the strategy lacks)
+                raise UserError(f"the search space of {name} reaches {override}: {describe(exc, 'train')}") from None
 
 
 def removed_sampler(name: str, seed=None):

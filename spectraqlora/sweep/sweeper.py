@@ -29,6 +29,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from spectraqlora.config import range_errors
 from spectraqlora.errors import UserError, exit_on_user_error
 from spectraqlora.store import rundir
+from spectraqlora.sweep import repeats as rep
 from spectraqlora.sweep.confirm import CONFIRMATION, SETTINGS, Confirmation, summary
 from spectraqlora.sweep.lifecycle import LOST, Heartbeat, dead_trials, failure_stop, lost
 from spectraqlora.sweep.results import RESULTS, objective_names, plot_study, shown_url, write_results
@@ -44,7 +45,6 @@ from spectraqlora.sweep.space import (
     suggest,
 )
 from spectraqlora.sweep.study import log_sweep_summary, make_pruner, make_storage, storage_url, study_lock, study_name
-from spectraqlora.sweep.study import repeats as rep
 from spectraqlora.sweep.workers import WORKER_ENV, spawn_workers
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""spectraqlora.analysis.report over run dirs, and the strategy study's arms."""
+"""spectraqlora.report (analysis/report.py) over run dirs, and the strategy study's arms."""
 import json
 
 import pytest

@@ -5,8 +5,8 @@ import torch
 import transformers
 
 from spectraqlora.config import Batching, Task, compose, to_train_config
+from spectraqlora.data import batching, scoring
 from spectraqlora.data.chat import IGNORE_INDEX
-from spectraqlora.data.dataset import batching, scoring
 from spectraqlora.errors import UserError
 from spectraqlora.run import losses, modeling
 from spectraqlora.store import checkpoint

@@ -5,8 +5,8 @@ import importlib.util
 import pytest
 
 from spectraqlora.config import DatasetConfig, Task, compose, to_train_config
+from spectraqlora.data import chat, dataset, scoring, sources
 from spectraqlora.data.chat import IGNORE_INDEX, PROMPT, REPLY, TEMPLATE
-from spectraqlora.data.dataset import chat, dataset, scoring, sources
 from spectraqlora.errors import UserError
 from spectraqlora.store import checkpoint
 

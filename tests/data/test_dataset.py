@@ -86,7 +86,7 @@ def two_splits(tmp_path, train_labels, eval_labels, **cfg):
     classification_file(tmp_path, train_labels, eval_labels)
     source = datasets.load_dataset("json", data_files={"train": str(tmp_path / "train.jsonl"),
                                                        "eval": str(tmp_path / "eval.jsonl")})
-    from spectraqlora.data.dataset import dataset as data_module
+    from spectraqlora.data import dataset as data_module
 
     rows = datasets.DatasetDict(train=source["train"], eval=source["eval"])
     data_module._check_columns(rows, DatasetConfig(**cfg), Task.classification)

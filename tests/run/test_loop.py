@@ -5,7 +5,7 @@ import math
 import pytest
 
 from spectraqlora.config import Task, compose, to_train_config
-from spectraqlora.data.dataset import dataset
+from spectraqlora.data import dataset
 from spectraqlora.errors import UserError
 from spectraqlora.run import modeling
 from spectraqlora.run.loop import optimizer
@@ -80,7 +80,7 @@ def test_single_token_class_names_are_ranked_in_the_eval_loss_pass(tmp_path):
     """A causal LM on labeled data: with one-token class names the eval loss pass itself ranks
     them at each row's first answer token (no second pass over the prompts), and the accuracy is
     the one choice_scores' own pass gives."""
-    from spectraqlora.data.dataset import scoring
+    from spectraqlora.data import scoring
     from spectraqlora.run import build, loop
 
     cfg = to_train_config(compose("model=tiny_llama", "quant=none", "trainer=smoke", "dataset.eval_size=48",

@@ -8,7 +8,7 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from spectraqlora.config import ScanConfig, SelectionConfig, Strategy
+from spectraqlora.config import ScanConfig, Strategy, selection_config
 from spectraqlora.spectrum import scanner as scan_module
 from spectraqlora.spectrum.artifacts import spectrum_results, unfrozen_parameters_yaml
 from spectraqlora.spectrum.scanner import compute, scan
@@ -85,7 +85,7 @@ def test_kappa_ranking_equals_peft_kappatune_on_real_minilm_weights():
     assert [n for n in theirs if n in table] == ours  # peft also ranks the pooler: not a candidate
     for name in ours:
         assert table[name]["kappa"] == pytest.approx(selector._condition_numbers[name], rel=1e-3), name
-    chosen = select(table, SelectionConfig(strategy=Strategy.kappa, top_frac=0.25))
+    chosen = select(table, selection_config(Strategy.kappa, top_frac=0.25))
     assert sorted(chosen) == sorted(ours[:int(len(table) * 0.25)])
 
 

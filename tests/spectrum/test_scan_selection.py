@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from spectraqlora.config import SelectionConfig, Strategy
+from spectraqlora.config import Strategy, selection_config
 from spectraqlora.errors import UserError
 from spectraqlora.spectrum.scanner import compute
 from spectraqlora.spectrum.selection import restrict_types, select, spectrum
@@ -90,8 +90,8 @@ def test_ties_keep_checkpoint_order_and_thirds_are_exact():
 
 def test_select_returns_checkpoint_order_and_refuses_an_empty_selection():
     table = table_of({"l0.q": ("q", 0.1), "l1.q": ("q", 0.9), "l2.q": ("q", 0.5), "l3.q": ("q", 0.7)})
-    assert select(table, SelectionConfig(top_frac=0.5)) == ["l1.q", "l3.q"]
-    assert select(table, SelectionConfig(strategy=Strategy.all)) == list(table)
-    assert select(table, SelectionConfig(top_frac=0.2)) == ["l1.q"]  # min_per_type=1
+    assert select(table, selection_config(top_frac=0.5)) == ["l1.q", "l3.q"]
+    assert select(table, selection_config(Strategy.all)) == list(table)
+    assert select(table, selection_config(top_frac=0.2)) == ["l1.q"]  # min_per_type=1
     with pytest.raises(UserError, match=r"keeps no module.*top_frac>=0.25"):
-        select(table, SelectionConfig(top_frac=0.2, min_per_type=0))
+        select(table, selection_config(top_frac=0.2, min_per_type=0))

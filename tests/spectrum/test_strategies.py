@@ -1,9 +1,10 @@
 """Selection strategies, min_per_type and SNR rank allocation on hand-made tables."""
 import pytest
 
-from spectraqlora.config import SelectionConfig, Strategy
+from spectraqlora.config import Strategy, selection_config
 from spectraqlora.errors import UserError
 from spectraqlora.spectrum.selection import check_ranks_fit, lora_params, select, snr_ranks
+from tests.helpers import typed_config
 
 
 def table(layers=8, types=("q", "v"), shape=(64, 32)):
@@ -14,7 +15,7 @@ def table(layers=8, types=("q", "v"), shape=(64, 32)):
 
 
 def pick(rows, **knobs):
-    return select(rows, SelectionConfig(**knobs))
+    return select(rows, selection_config(**knobs))
 
 
 def test_spectrum_global_ranks_across_types():
@@ -65,17 +66,21 @@ def test_min_layer_restricts_every_strategy_to_the_upper_layers():
         pick(rows, strategy=Strategy.all, min_layer=8)
 
 
-def test_num_modules_is_refused_where_it_would_be_ignored():
-    from spectraqlora.config import compose, to_train_config
-
-    assert to_train_config(compose("selection=kappa", "selection.num_modules=49")).selection.num_modules == 49
-    with pytest.raises(UserError, match="selection.num_modules=49 is read by selection=kappa only, not "
-                                        "selection=spectrum"):
-        to_train_config(compose("+selection.num_modules=49"))
+def test_a_key_of_another_strategy_is_refused_naming_the_strategy_that_reads_it():
+    """Each strategy's schema holds only the keys it reads: another's is refused while composing."""
+    assert typed_config("selection=kappa", "selection.num_modules=49").selection.num_modules == 49
+    for override in ("selection.num_modules=49", "+selection.num_modules=49"):
+        with pytest.raises(UserError, match="selection.num_modules=49 is read by selection=kappa only, not "
+                                            "selection=spectrum: add selection=kappa"):
+            typed_config(override)
     with pytest.raises(UserError, match="selection.alpha_order=low_first is read by selection=alpha only"):
-        to_train_config(compose("selection.alpha_order=low_first"))
-    with pytest.raises(UserError, match="selection.min_layer=15 with selection=layers: that strategy names its layers"):
-        to_train_config(compose("selection=layers", "selection.layers=[0]", "selection.min_layer=15"))
+        typed_config("selection.alpha_order=low_first")
+    with pytest.raises(UserError, match=r"selection.min_layer=15 is read by selection=spectrum, .* only, not "
+                                        r"selection=layers: drop it"):
+        typed_config("selection=layers", "selection.layers=[0]", "selection.min_layer=15")
+    with pytest.raises(UserError, match="selection.strategy=layers with the keys of another strategy: choose the "
+                                        "strategy with selection=layers"):
+        typed_config("selection.strategy=layers")
 
 
 def test_snr_cutoff_keeps_every_module_at_or_above_it():
@@ -88,7 +93,7 @@ def test_snr_cutoff_keeps_every_module_at_or_above_it():
 def test_random_matches_spectrum_counts_per_type_and_is_seeded():
     rows = table()
     spectrum = pick(rows, strategy=Strategy.spectrum, top_frac=0.5)
-    drawn = [select(rows, SelectionConfig(strategy=Strategy.random, top_frac=0.5), seed=s) for s in (1, 1, 2)]
+    drawn = [select(rows, selection_config(Strategy.random, top_frac=0.5), seed=s) for s in (1, 1, 2)]
     assert drawn[0] == drawn[1] != drawn[2]
     for chosen in drawn:
         for t in ("q", "v"):
@@ -107,13 +112,11 @@ def test_layers_by_index_from_the_end_and_last_k():
 
 def test_explicit_layers_select_exactly_those_layers_as_composed():
     """conf/selection/layers.yaml once set last_k: 2, which won over selection.layers=[0]."""
-    from spectraqlora.config import compose, to_train_config
-
-    cfg = to_train_config(compose("selection=layers", "selection.layers=[0]")).selection
+    cfg = typed_config("selection=layers", "selection.layers=[0]").selection
     assert (cfg.layers, cfg.last_k) == ([0], None)
     assert select(table(4), cfg) == ["layers.0.q", "layers.0.v"]
     with pytest.raises(UserError, match=r"selection.layers=\[0\] and selection.last_k=2: give one"):
-        to_train_config(compose("selection=layers", "selection.layers=[0]", "selection.last_k=2"))
+        typed_config("selection=layers", "selection.layers=[0]", "selection.last_k=2")
 
 
 def test_a_rank_above_a_matrix_side_is_refused_with_its_shape():

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from scipy import stats
 
 from spectraqlora.errors import UserError
-from spectraqlora.sweep.study import repeats as rep
+from spectraqlora.sweep import repeats as rep
 from tests.helpers import ROOT
 
 sys.path.insert(0, str(ROOT / "tests" / "apps"))
