@@ -65,3 +65,20 @@ def train_run(cfg, run_dir: Path, info=None) -> dict:
     from spectraqlora.run.telemetry import RunInfo
 
     return recipe.run(recipe.Plan(cfg, Path(run_dir), info or RunInfo()))
+
+
+def reference_snr(weight):
+    """Spectrum's formula, fp32 svdvals, written out here independently of spectraqlora.spectrum.snr."""
+    import torch
+
+    w = weight.float()
+    s = torch.linalg.svdvals(w)
+    sigma = (torch.quantile(s, 0.75) - torch.quantile(s, 0.25)) / 1.349
+    beta = min(w.shape) / max(w.shape)
+    edge = sigma * (1 + beta ** 0.5)
+    signal, noise = s[s > edge].sum(), s[s <= edge].sum()
+    if (s > edge).sum() == 0:
+        return 0.0
+    if (s <= edge).sum() == 0:
+        noise = torch.tensor(1.0)
+    return float(signal / noise / s[0])

