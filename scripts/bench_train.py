@@ -238,19 +238,23 @@ def timed(model: str, names: list[str], args) -> dict:
                 eval_s, eval_loss = benches[name].evaluate(shared.eval, shared.eval_batch)
                 block = [got[name] for got in rounds[-args.eval_every:]]
                 train = sum(g["tokens"] for g in block) / sum(g["seconds"] for g in block)
-                evals[name].append({"eval_tokens_per_sec": eval_tokens / eval_s, "eval_over_train": eval_tokens / eval_s / train,
-                                    "eval_loss": eval_loss})
+                evals[name].append({"eval_tokens_per_sec": eval_tokens / eval_s,
+                                    "eval_over_train": eval_tokens / eval_s / train, "eval_loss": eval_loss})
     configs = {}
     for name in names:
         per_round = [got[name] for got in rounds]
         configs[name] = {**benches[name].facts, **{key: spread([g[key] for g in per_round])
                                                    for key in ("tokens_per_sec", "step_time_s")}}
         if evals.get(name):
-            configs[name].update({key: spread([e[key] for e in evals[name]]) for key in ("eval_tokens_per_sec", "eval_over_train")},
+            configs[name].update({key: spread([e[key] for e in evals[name]])
+                                  for key in ("eval_tokens_per_sec", "eval_over_train")},
                                  eval_loss=evals[name][0]["eval_loss"])
-    ratios = {f"{a}/{b}": spread([got[a]["tokens_per_sec"] / got[b]["tokens_per_sec"] for got in rounds])
+    # per round (median and range), and pooled: all rounds' time of b over a's (the same tokens)
+    ratios = {f"{a}/{b}": {**spread([got[a]["tokens_per_sec"] / got[b]["tokens_per_sec"] for got in rounds]),
+                           "pooled": sum(got[b]["seconds"] for got in rounds) / sum(got[a]["seconds"] for got in rounds)}
               for a, b in RATIOS if a in benches and b in benches}
-    return {"model": model, "batch": shared.batch, "steps": args.steps, "repeats": args.repeats, "eval_every": args.eval_every,
+    return {"model": model, "batch": shared.batch, "steps": args.steps, "repeats": args.repeats,
+            "eval_every": args.eval_every,
             "train_tokens_per_round": [sum(shared.tokens(args.warmup + r * args.steps + k) for k in range(args.steps))
                                        for r in range(args.repeats)],
             "eval_rows": len(shared.eval), "eval_tokens": eval_tokens, "configs": configs, "ratios": ratios}
@@ -346,7 +350,7 @@ def report(result: dict) -> None:
             print(f"{name}: evaluation {e['median']:.2f}x its training tokens/s ({e['min']:.2f}-{e['max']:.2f}), "
                   f"eval loss {c['eval_loss']:.4f}")
     for key, r in result["ratios"].items():
-        print(f"{key}: tokens/s {r['median']:.3f}x (rounds {r['min']:.3f}-{r['max']:.3f})")
+        print(f"{key}: tokens/s {r['median']:.3f}x (rounds {r['min']:.3f}-{r['max']:.3f}; pooled {r['pooled']:.3f}x)")
 
 
 def main() -> None:

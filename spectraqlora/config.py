@@ -551,8 +551,9 @@ def _typed_selection(cfg: DictConfig) -> DictConfig:
     if not isinstance(node, DictConfig) or dataclasses.is_dataclass(OmegaConf.get_type(node)):
         return cfg
     schema = _node_schema(node, SelectionConfig)
-    kept = {key: value for key, value in node.items()  # an unknown key, or one set away from its former
-            if key in schema.__dataclass_fields__ or value not in _FORMER_DEFAULTS.get(key, (value,))}  # default: refused
+    # the strategy's keys, and any other that is unknown or away from its former default (refused below)
+    kept = {key: value for key, value in node.items()
+            if key in schema.__dataclass_fields__ or value not in _FORMER_DEFAULTS.get(key, (value,))}
     cfg = cfg.copy()
     with open_dict(cfg):
         cfg.selection = OmegaConf.merge(OmegaConf.structured(schema), kept) if kept.keys() <= \

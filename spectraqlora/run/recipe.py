@@ -57,7 +57,8 @@ def run(plan: Plan, launch: Launch = SINGLE) -> dict:
 def _describe(cfg: TrainConfig) -> str:
     top_frac = f" top_frac={cfg.selection.top_frac}" if hasattr(cfg.selection, "top_frac") else ""
     return (f"model={cfg.model.name_or_path}, selection={cfg.selection.strategy.value}{top_frac}, "
-            f"lora.r={cfg.lora.r}, quant={cfg.quant.mode.value}, trainer.per_device_train_batch_size={cfg.trainer.per_device_train_batch_size}, "
+            f"lora.r={cfg.lora.r}, quant={cfg.quant.mode.value}, "
+            f"trainer.per_device_train_batch_size={cfg.trainer.per_device_train_batch_size}, "
             f"dataset.max_length={cfg.dataset.max_length}")
 
 
