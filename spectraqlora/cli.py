@@ -65,7 +65,8 @@ def describe(exc: Exception, config_name: str) -> str:
                 + f" (the options of {group} are: {', '.join(exc.options)})")
     if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and getattr(cause, "full_key", None):
         group, _, name = cause.full_key.rpartition(".")
-        valid, aliases = keys_of(config_name, group, getattr(cause, "object_type", None))
+        strategy_schema = getattr(cause, "object_type", None) if group == "selection" else None
+        valid, aliases = keys_of(config_name, group, strategy_schema)
         if other := _read_by_another_strategy(cause, name, str(exc)):
             return other
         near = nearest(name, valid, aliases)
@@ -91,8 +92,8 @@ def _read_by_another_strategy(cause, name: str, message: str) -> str | None:
 
 
 def keys_of(config_name: str, group: str, schema=None) -> tuple[list[str], dict[str, str]]:
-    """The keys valid under group in the command's schema (or in `schema`, the typed node's
-    own: a selection strategy's), and the aliases users bring from other tools."""
+    """The keys valid under group in the command's schema (or in `schema`: the selection
+    strategy's own), and the aliases users bring from other tools."""
     import dataclasses
 
     from spectraqlora import config

@@ -76,14 +76,16 @@ def one_line_errors(hydra_cfg, run_dir: Path, launch: Launch, single: bool):
                 raise
             signum = exc.args[0] if exc.args else signal.SIGINT
             error = Interrupted(f"stopped by {signal.Signals(signum).name}", signum)
-            _said(error, hydra_cfg, run_dir, launch, multirun)
+            _record_refusal(error, hydra_cfg, run_dir, launch, multirun)
             raise error from None
         except UserError as exc:
-            _said(exc, hydra_cfg, run_dir, launch, multirun)
+            _record_refusal(exc, hydra_cfg, run_dir, launch, multirun)
             raise
 
 
-def _said(exc: UserError, hydra_cfg, run_dir: Path, launch: Launch, multirun: bool) -> None:
+def _record_refusal(exc: UserError, hydra_cfg, run_dir: Path, launch: Launch, multirun: bool) -> None:
+    """A signal's line gets how to resume; the line goes into the run's log; a single run refused
+    before training leaves no run dir."""
     if isinstance(exc, Interrupted):
         last = rundir.last_checkpoint(run_dir)
         exc.args = (f"{exc}; " + (f"kept {last}; resume with: {resume_command(hydra_cfg, run_dir)}"
