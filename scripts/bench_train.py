@@ -25,8 +25,10 @@ all (210 modules), spectrum (top 25% per type, 49), last7 (the same 49-module co
 layers); and `recipe`, the standard QLoRA recipe as the transformers, peft and bitsandbytes docs
 give it: the same 4-bit base through peft's prepare_model_for_kbit_training, LoraConfig(
 target_modules="all-linear", task_type=SEQ_CLS) with our r, alpha and dropout, DataCollatorWithPadding,
-the model's own loss. Evaluation throughput (the eval split, forward only, as the Trainer batches
-it) is measured for all and all_padded.
+the model's own loss. Evaluation throughput (the eval split, forward only, in the Trainer's eval
+batches) is measured for all and all_padded, one eval batch right after each training step of the
+same configuration (the next batch each round, round after round through the split), so that
+evaluation and the training it is divided by share the machine's state.
 
 Every configuration is built once in this one process and trained on the same batches. After
 --warmup steps each, the timed steps are interleaved: each of --repeats rounds runs --steps steps
@@ -34,15 +36,15 @@ of every configuration, the order reversed every other round, so that the machin
 every configuration alike (`--steps 1`: configurations alternate step by step, so that a slowdown
 of the machine hits neighbouring configurations alike). Each figure is the median over rounds with
 its range (min-max); each ratio is computed within each round, then the median and range of those.
-Evaluations run after every --eval-every rounds, each against the training tokens/s of the same
-configuration over those rounds. Tokens are the rows' own tokens (no padding), the same count for
+Evaluation over training is reported per pass over the eval split (its rounds' eval tokens/s over
+the same rounds' training tokens/s) and pooled over all rounds. Tokens are the rows' own tokens (no padding), the same count for
 every configuration. A step is forward + backward + AdamW step.
 
 --memory measures peak memory instead, each configuration in a fresh process (so its peak is its
 own): the resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs) over the
 timed training steps, then over one evaluation (CUDA: max allocated).
 
-    python scripts/bench_train.py --model llm_rt --out results.json [--steps 1] [--repeats 48] [--eval-every 6]
+    python scripts/bench_train.py --model llm_rt --out results.json [--steps 1] [--repeats 48]
     python scripts/bench_train.py --model llm_rt --memory --out memory.json
     python scripts/bench_train.py --out results.json [--steps 8] [--batch 2] [--seq 256] [--repeats 3]
 """
@@ -94,7 +96,7 @@ CONFIGS = {name for *_, configs in MODELS.values() for name in configs}
 class Bench:
     """One configuration, built in this process: its model, optimizer, collator and loss."""
 
-    def __init__(self, model: str, name: str, shared: "Shared"):
+    def __init__(self, model: str, name: str, shared: Shared):
         import torch
 
         from spectraqlora.config import Batching
@@ -158,19 +160,19 @@ class Bench:
         _sync(self.device)
         return time.perf_counter() - start
 
-    def evaluate(self, rows, batch_size: int) -> tuple[float, float]:
-        """Forward passes over `rows` in the Trainer's eval batches: (seconds, mean loss)."""
+    def evaluate(self, batches: list[list[dict]]) -> float:
+        """Forward passes over these eval batches; their time in seconds."""
         import torch
 
         self.net.eval()
-        losses = []
+        collated = [self.collate(rows) for rows in batches]
         _sync(self.device)
         start = time.perf_counter()
         with torch.no_grad():
-            for i in range(0, len(rows), batch_size):
-                losses.append(float(self._loss(self.collate([rows[j] for j in range(i, min(i + batch_size, len(rows)))]))))
+            for batch in collated:
+                self._loss(batch)
         _sync(self.device)
-        return time.perf_counter() - start, statistics.mean(losses)
+        return time.perf_counter() - start
 
 
 class Shared:
@@ -190,7 +192,8 @@ class Shared:
         if cfg.dataset.packing:
             rows = rows.filter(lambda r: len(r["input_ids"]) == cfg.dataset.max_length)  # full blocks only
         self.train = rows.shuffle(seed=0)
-        self.eval = tokenized["eval"]
+        eval_rows = list(tokenized["eval"])
+        self.eval_batches = [eval_rows[i:i + self.eval_batch] for i in range(0, len(eval_rows), self.eval_batch)]
 
     def config(self, overrides: list[str]):
         from spectraqlora.config import compose, to_train_config
@@ -219,45 +222,51 @@ def timed(model: str, names: list[str], args) -> dict:
         for i in range(args.warmup):
             bench.step(shared.batch_rows(i))
     evaluated = [n for n in EVALUATED.get(model, []) if n in benches]
-    eval_tokens = sum(len(r["input_ids"]) for r in shared.eval)
-    rounds, evals = [], {n: [] for n in evaluated}
+    rounds = []
     for r in range(args.repeats):
         first = args.warmup + r * args.steps
         batches = range(first, first + args.steps)
         tokens = sum(shared.tokens(i) for i in batches)
+        eval_rows = shared.eval_batches[r % len(shared.eval_batches)]
         got = {}
         for name in names if r % 2 == 0 else reversed(names):
             seconds = [benches[name].step(shared.batch_rows(i)) for i in batches]
             got[name] = {"tokens_per_sec": tokens / sum(seconds), "step_time_s": statistics.median(seconds),
                          "tokens": tokens, "seconds": sum(seconds)}
+            if name in evaluated:  # one eval batch beside the training it is compared with
+                got[name].update(eval_seconds=benches[name].evaluate([eval_rows]),
+                                 eval_tokens=sum(len(row["input_ids"]) for row in eval_rows))
         rounds.append(got)
         print(f"round {r}: " + ", ".join(f"{n} {g['tokens_per_sec']:.1f}" for n, g in got.items()) + " tokens/s",
               flush=True)
-        if (r + 1) % args.eval_every == 0:  # against this block's training tokens/s of the same configuration
-            for name in evaluated:
-                eval_s, eval_loss = benches[name].evaluate(shared.eval, shared.eval_batch)
-                block = [got[name] for got in rounds[-args.eval_every:]]
-                train = sum(g["tokens"] for g in block) / sum(g["seconds"] for g in block)
-                evals[name].append({"eval_tokens_per_sec": eval_tokens / eval_s,
-                                    "eval_over_train": eval_tokens / eval_s / train, "eval_loss": eval_loss})
     configs = {}
     for name in names:
         per_round = [got[name] for got in rounds]
         configs[name] = {**benches[name].facts, **{key: spread([g[key] for g in per_round])
                                                    for key in ("tokens_per_sec", "step_time_s")}}
-        if evals.get(name):
-            configs[name].update({key: spread([e[key] for e in evals[name]])
-                                  for key in ("eval_tokens_per_sec", "eval_over_train")},
-                                 eval_loss=evals[name][0]["eval_loss"])
+        if name in evaluated:
+            configs[name].update(_evaluation(per_round, len(shared.eval_batches)))
     # per round (median and range), and pooled: all rounds' time of b over a's (the same tokens)
     ratios = {f"{a}/{b}": {**spread([got[a]["tokens_per_sec"] / got[b]["tokens_per_sec"] for got in rounds]),
                            "pooled": sum(got[b]["seconds"] for got in rounds) / sum(got[a]["seconds"] for got in rounds)}
               for a, b in RATIOS if a in benches and b in benches}
     return {"model": model, "batch": shared.batch, "steps": args.steps, "repeats": args.repeats,
-            "eval_every": args.eval_every,
             "train_tokens_per_round": [sum(shared.tokens(args.warmup + r * args.steps + k) for k in range(args.steps))
                                        for r in range(args.repeats)],
-            "eval_rows": len(shared.eval), "eval_tokens": eval_tokens, "configs": configs, "ratios": ratios}
+            "eval_batches": len(shared.eval_batches), "configs": configs, "ratios": ratios}
+
+
+def _evaluation(rounds: list[dict], per_pass: int) -> dict:
+    """Eval tokens/s, and over the training tokens/s of the same rounds: per pass over the eval
+    split (its median and range) and pooled over every round."""
+    def rate(rows: list[dict], tokens: str, seconds: str) -> float:
+        return sum(g[tokens] for g in rows) / sum(g[seconds] for g in rows)
+
+    passes = [rounds[i:i + per_pass] for i in range(0, len(rounds) - per_pass + 1, per_pass)] or [rounds]
+    return {"eval_tokens_per_sec": spread([rate(p, "eval_tokens", "eval_seconds") for p in passes]),
+            "eval_over_train": {**spread([rate(p, "eval_tokens", "eval_seconds") / rate(p, "tokens", "seconds")
+                                          for p in passes]),
+                                "pooled": rate(rounds, "eval_tokens", "eval_seconds") / rate(rounds, "tokens", "seconds")}}
 
 
 def spread(values: list[float]) -> dict:
@@ -277,7 +286,7 @@ def memory(model: str, name: str, args) -> dict:
         bench.step(shared.batch_rows(i))
     train_peak = peak_memory_gb(bench.device)
     reset_peak_memory(bench.device)
-    bench.evaluate(shared.eval, shared.eval_batch)
+    bench.evaluate(shared.eval_batches)
     return {"name": name, "mem_before_steps_gb": before, "train_peak_gb": train_peak,
             "eval_peak_gb": peak_memory_gb(bench.device)}
 
@@ -343,12 +352,12 @@ def report(result: dict) -> None:
         t = c["tokens_per_sec"]
         evals = f"{c['eval_tokens_per_sec']['median']:12.0f}" if "eval_tokens_per_sec" in c else " " * 12
         print(f"{name:<26} {c['batching']:<13} {t['median']:9.1f} ({t['min']:.1f}-{t['max']:.1f}) "
-              f"{c['step_time_s']['median']:7.3f} {evals} {c['trainable_params']:>10,} {str(c['lowest_layer']):>4}")
+              f"{c['step_time_s']['median']:7.3f} {evals} {c['trainable_params']:>10,} {c['lowest_layer']!s:>4}")
     for name, c in result["configs"].items():
         if "eval_over_train" in c:
             e = c["eval_over_train"]
-            print(f"{name}: evaluation {e['median']:.2f}x its training tokens/s ({e['min']:.2f}-{e['max']:.2f}), "
-                  f"eval loss {c['eval_loss']:.4f}")
+            print(f"{name}: evaluation {e['median']:.2f}x its training tokens/s (passes {e['min']:.2f}-{e['max']:.2f}; "
+                  f"pooled {e['pooled']:.2f}x)")
     for key, r in result["ratios"].items():
         print(f"{key}: tokens/s {r['median']:.3f}x (rounds {r['min']:.3f}-{r['max']:.3f}; pooled {r['pooled']:.3f}x)")
 
@@ -362,7 +371,6 @@ def main() -> None:
     parser.add_argument("--batch", type=int, help="rows per step (default: the model's)")
     parser.add_argument("--seq", type=int, help="dataset.max_length (default: the model's)")
     parser.add_argument("--repeats", type=int, default=6, help="rounds")
-    parser.add_argument("--eval-every", type=int, default=1, help="evaluate after every this many rounds")
     parser.add_argument("--memory", action="store_true", help="peak memory per configuration, fresh processes")
     parser.add_argument("--only", nargs="*", choices=sorted(CONFIGS), help="a subset of the configurations")
     parser.add_argument("--one", choices=sorted(CONFIGS | {"one_time_costs"}), help=argparse.SUPPRESS)  # child mode
