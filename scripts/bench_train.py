@@ -37,8 +37,8 @@ every configuration alike (`--steps 1`: configurations alternate step by step, s
 of the machine hits neighbouring configurations alike). Each figure is the median over rounds with
 its range (min-max); each ratio is computed within each round, then the median and range of those.
 Evaluation over training is reported per pass over the eval split (its rounds' eval tokens/s over
-the same rounds' training tokens/s) and pooled over all rounds. Tokens are the rows' own tokens (no padding), the same count for
-every configuration. A step is forward + backward + AdamW step.
+the same rounds' training tokens/s) and pooled over all rounds. Tokens are the rows' own tokens (no
+padding), the same count for every configuration. A step is forward + backward + AdamW step.
 
 --memory measures peak memory instead, each configuration in a fresh process (so its peak is its
 own): the resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs) over the
@@ -227,15 +227,15 @@ def timed(model: str, names: list[str], args) -> dict:
         first = args.warmup + r * args.steps
         batches = range(first, first + args.steps)
         tokens = sum(shared.tokens(i) for i in batches)
-        eval_rows = shared.eval_batches[r % len(shared.eval_batches)]
+        eval_rows = shared.eval_batches[r % len(shared.eval_batches)] if evaluated else []
+        eval_tokens = sum(len(row["input_ids"]) for row in eval_rows)
         got = {}
         for name in names if r % 2 == 0 else reversed(names):
             seconds = [benches[name].step(shared.batch_rows(i)) for i in batches]
             got[name] = {"tokens_per_sec": tokens / sum(seconds), "step_time_s": statistics.median(seconds),
                          "tokens": tokens, "seconds": sum(seconds)}
             if name in evaluated:  # one eval batch beside the training it is compared with
-                got[name].update(eval_seconds=benches[name].evaluate([eval_rows]),
-                                 eval_tokens=sum(len(row["input_ids"]) for row in eval_rows))
+                got[name].update(eval_seconds=benches[name].evaluate([eval_rows]), eval_tokens=eval_tokens)
         rounds.append(got)
         print(f"round {r}: " + ", ".join(f"{n} {g['tokens_per_sec']:.1f}" for n, g in got.items()) + " tokens/s",
               flush=True)
