@@ -35,9 +35,11 @@ Every configuration is built once in this one process and trained on the same ba
 of every configuration, the order reversed every other round, so that the machine's drift hits
 every configuration alike (`--steps 1`: configurations alternate step by step, so that a slowdown
 of the machine hits neighbouring configurations alike). Each figure is the median over rounds with
-its range (min-max); each ratio is computed within each round, then the median and range of those.
+its range (min-max); each ratio is computed within each round, then the median and range of those,
+and pooled over all rounds (one configuration's time over the other's) with a 95% bootstrap interval
+over rounds: a rerun of as many rounds lands within it 95% of the time if the machine is as noisy.
 Evaluation over training is reported per pass over the eval split (its rounds' eval tokens/s over
-the same rounds' training tokens/s) and pooled over all rounds. Tokens are the rows' own tokens (no
+the same rounds' training tokens/s) and pooled likewise. Tokens are the rows' own tokens (no
 padding), the same count for every configuration. A step is forward + backward + AdamW step.
 
 --memory measures peak memory instead, each configuration in a fresh process (so its peak is its
@@ -248,7 +250,8 @@ def timed(model: str, names: list[str], args) -> dict:
             configs[name].update(_evaluation(per_round, len(shared.eval_batches)))
     # per round (median and range), and pooled: all rounds' time of b over a's (the same tokens)
     ratios = {f"{a}/{b}": {**spread([got[a]["tokens_per_sec"] / got[b]["tokens_per_sec"] for got in rounds]),
-                           "pooled": sum(got[b]["seconds"] for got in rounds) / sum(got[a]["seconds"] for got in rounds)}
+                           **pooled(lambda sb, sa, axis: sb.sum(axis) / sa.sum(axis),
+                                    *([got[n]["seconds"] for got in rounds] for n in (b, a)))}
               for a, b in RATIOS if a in benches and b in benches}
     return {"model": model, "batch": shared.batch, "steps": args.steps, "repeats": args.repeats,
             "train_tokens_per_round": [sum(shared.tokens(args.warmup + r * args.steps + k) for k in range(args.steps))
@@ -262,16 +265,39 @@ def _evaluation(rounds: list[dict], per_pass: int) -> dict:
     def rate(rows: list[dict], tokens: str, seconds: str) -> float:
         return sum(g[tokens] for g in rows) / sum(g[seconds] for g in rows)
 
+    def over(et, es, t, s, axis):
+        return et.sum(axis) / es.sum(axis) / (t.sum(axis) / s.sum(axis))
+
     passes = [rounds[i:i + per_pass] for i in range(0, len(rounds) - per_pass + 1, per_pass)] or [rounds]
     return {"eval_tokens_per_sec": spread([rate(p, "eval_tokens", "eval_seconds") for p in passes]),
             "eval_over_train": {**spread([rate(p, "eval_tokens", "eval_seconds") / rate(p, "tokens", "seconds")
                                           for p in passes]),
-                                "pooled": rate(rounds, "eval_tokens", "eval_seconds") / rate(rounds, "tokens", "seconds")}}
+                                **pooled(over, *([g[key] for g in rounds]
+                                                 for key in ("eval_tokens", "eval_seconds", "tokens", "seconds")))}}
 
 
 def spread(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values),
             "rounds": [round(v, 4) for v in values]}
+
+
+def pooled(statistic, *columns: list[float]) -> dict:
+    """A statistic of all rounds together (columns: one value per round each), and its 95%
+    interval from resampling whole rounds (scipy's paired BCa bootstrap): how far the same
+    statistic may land in another run of as many rounds on a machine as noisy as this one was."""
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    data = [np.asarray(c, dtype=float) for c in columns]
+    if len(data[0]) < 3:
+        return {"pooled": float(statistic(*data, axis=-1))}
+    ci = bootstrap(data, statistic, paired=True, vectorized=True, n_resamples=4000,
+                   rng=np.random.default_rng(0)).confidence_interval
+    return {"pooled": float(statistic(*data, axis=-1)), "pooled_95": [float(ci.low), float(ci.high)]}
+
+
+def _interval(r: dict) -> str:
+    return f", 95% {r['pooled_95'][0]:.3f}-{r['pooled_95'][1]:.3f}" if "pooled_95" in r else ""
 
 
 def memory(model: str, name: str, args) -> dict:
@@ -357,9 +383,10 @@ def report(result: dict) -> None:
         if "eval_over_train" in c:
             e = c["eval_over_train"]
             print(f"{name}: evaluation {e['median']:.2f}x its training tokens/s (passes {e['min']:.2f}-{e['max']:.2f}; "
-                  f"pooled {e['pooled']:.2f}x)")
+                  f"pooled {e['pooled']:.3f}x{_interval(e)})")
     for key, r in result["ratios"].items():
-        print(f"{key}: tokens/s {r['median']:.3f}x (rounds {r['min']:.3f}-{r['max']:.3f}; pooled {r['pooled']:.3f}x)")
+        print(f"{key}: tokens/s {r['median']:.3f}x (rounds {r['min']:.3f}-{r['max']:.3f}; pooled {r['pooled']:.3f}x"
+              f"{_interval(r)})")
 
 
 def main() -> None:
