@@ -12,16 +12,16 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 # The tests run on pytest-xdist workers (`-n auto` in pyproject.toml). Each worker gets its share
 # of the cores for torch's threads, set before torch is imported so that the runs it starts inherit
 # it: two processes with torch's 2 threads each on 2 cores slow each other 3-6x.
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0))
-                                                     // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, CORES // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
 
 def pytest_xdist_auto_num_workers(config):
     """`-n auto`: a worker per core, at most 4 (each worker's runs take up to ~3 GB). Whole test
     files go to a worker (`--dist loadfile`), so a module-scoped fixture is built once; a session
     fixture (smoke_run, default_run) once per worker that needs it."""
-    return min(len(os.sched_getaffinity(0)), 4)
+    return min(CORES, 4)
 
 
 @pytest.fixture(scope="session", autouse=True)
