@@ -26,9 +26,10 @@ layers); and `recipe`, the standard QLoRA recipe as the transformers, peft and b
 give it: the same 4-bit base through peft's prepare_model_for_kbit_training, LoraConfig(
 target_modules="all-linear", task_type=SEQ_CLS) with our r, alpha and dropout, DataCollatorWithPadding,
 the model's own loss. Evaluation throughput (the eval split, forward only, in the Trainer's eval
-batches) is measured for all and all_padded, one eval batch right after each training step of the
-same configuration (the next batch each round, round after round through the split), so that
-evaluation and the training it is divided by share the machine's state.
+batches) is measured for all, all_padded and spectrum (the llm_rt job's own selection), one eval
+batch right after each training step of the same configuration (the next batch each round, round
+after round through the split), so that evaluation and the training it is divided by share the
+machine's state.
 
 Every configuration is built once in this one process and trained on the same batches. After
 --warmup steps each, the timed steps are interleaved: each of --repeats rounds runs --steps steps
@@ -88,7 +89,7 @@ MODELS = {  # model -> (its overrides, defaults of --batch and --seq, its config
         "recipe": ["selection=all", "dataset.batching=padded", RECIPE],
     }),
 }
-EVALUATED = {"llm_rt": ["all", "all_padded"]}
+EVALUATED = {"llm_rt": ["all", "all_padded", "spectrum"]}
 RATIOS = [("top_half", "all"), ("top_half_gc", "top_half_gc_prepare_kbit"), ("spectrum25", "all"),
           ("last7", "all"), ("last7", "spectrum25"), ("all", "all_padded"), ("spectrum", "spectrum_padded"),
           ("last7", "last7_padded"), ("all", "recipe")]
