@@ -38,7 +38,10 @@ every configuration alike (`--steps 1`: configurations alternate step by step, s
 of the machine hits neighbouring configurations alike). Each figure is the median over rounds with
 its range (min-max); each ratio is computed within each round, then the median and range of those,
 and pooled over all rounds (one configuration's time over the other's) with a 95% bootstrap interval
-over rounds: a rerun of as many rounds lands within it 95% of the time if the machine is as noisy.
+over rounds: where the figure may land on as many other rounds (other batches too) on a machine as
+noisy. A rerun trains on the same batches, so it moves less: --compare pairs two runs round by
+round and says how far the machine alone moves each figure, and how many rounds keep a rerun
+within 0.03 of it.
 Evaluation over training is reported per pass over the eval split (its rounds' eval tokens/s over
 the same rounds' training tokens/s) and pooled likewise. Tokens are the rows' own tokens (no
 padding), the same count for every configuration. A step is forward + backward + AdamW step.
@@ -49,6 +52,7 @@ timed training steps, then over one evaluation (CUDA: max allocated).
 
     python scripts/bench_train.py --model llm_rt --out results.json [--steps 1] [--repeats 48]
     python scripts/bench_train.py --model llm_rt --memory --out memory.json
+    python scripts/bench_train.py --compare A.json B.json
     python scripts/bench_train.py --out results.json [--steps 8] [--batch 2] [--seq 256] [--repeats 3]
 """
 from __future__ import annotations
@@ -284,8 +288,8 @@ def spread(values: list[float]) -> dict:
 
 def pooled(statistic, *columns: list[float]) -> dict:
     """A statistic of all rounds together (columns: one value per round each), and its 95%
-    interval from resampling whole rounds (scipy's paired BCa bootstrap): how far the same
-    statistic may land in another run of as many rounds on a machine as noisy as this one was."""
+    interval from resampling whole rounds (scipy's paired BCa bootstrap): where the statistic may
+    land on as many other rounds, batches included, on a machine as noisy as this one was."""
     import numpy as np
     from scipy.stats import bootstrap
 
@@ -370,6 +374,31 @@ def _child(args, *extra: str) -> dict:
         return json.loads(out.read_text())
 
 
+def compare(a: dict, b: dict, within: float = 0.03) -> dict:
+    """Two runs on the same batches: each pooled figure in both and their difference, and how far
+    a rerun moves it from the machine alone. The figure's per-round (per-pass for evaluation) values
+    of the two runs, paired item by item, give the spread of their log ratio, hence about the
+    standard deviation of the pooled figure's difference between runs, and the rounds a run needs
+    for a rerun to land within `within` of it 95% of the time."""
+    import numpy as np
+
+    if a["train_tokens_per_round"] != b["train_tokens_per_round"]:
+        raise SystemExit("error: the two runs trained on different batches: run both with the same --model, "
+                         "--steps, --warmup and --repeats")
+    figures = {key: (a["ratios"][key], b["ratios"][key], "rounds") for key in a["ratios"] if key in b["ratios"]}
+    figures |= {f"{n} evaluation/training": (a["configs"][n]["eval_over_train"], b["configs"][n]["eval_over_train"],
+                                             f"passes of {a['eval_batches']} rounds")
+                for n in a["configs"] if "eval_over_train" in a["configs"][n] and n in b["configs"]}
+    out = {}
+    for key, (x, y, unit) in figures.items():
+        paired = np.log(np.asarray(x["rounds"]) / np.asarray(y["rounds"]))
+        sd = x["pooled"] * paired.std(ddof=1) / np.sqrt(len(paired))  # of the pooled A - B
+        out[key] = {"pooled": [x["pooled"], y["pooled"]], "difference": y["pooled"] - x["pooled"],
+                    "rerun_sd": float(sd), "items": len(paired), "unit": unit,
+                    "items_for_within": int(np.ceil(len(paired) * (1.96 * sd / within) ** 2))}
+    return out
+
+
 def report(result: dict) -> None:
     print(f"machine: {platform.processor() or platform.machine()}, python {platform.python_version()}, "
           f"{result['repeats']} rounds of {result['steps']} steps, batch {result['batch']}")
@@ -392,7 +421,7 @@ def report(result: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--out", type=Path, help="where the results go (JSON); required but with --compare")
     parser.add_argument("--model", choices=list(MODELS), default="bench_llama")
     parser.add_argument("--steps", type=int, default=4, help="timed steps per configuration per round")
     parser.add_argument("--warmup", type=int, default=2)
@@ -401,8 +430,21 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=6, help="rounds")
     parser.add_argument("--memory", action="store_true", help="peak memory per configuration, fresh processes")
     parser.add_argument("--only", nargs="*", choices=sorted(CONFIGS), help="a subset of the configurations")
+    parser.add_argument("--compare", nargs=2, type=Path, metavar=("A.json", "B.json"),
+                        help="two runs' results on the same batches: each pooled figure's difference, against "
+                             "how far the machine alone moves it")
     parser.add_argument("--one", choices=sorted(CONFIGS | {"one_time_costs"}), help=argparse.SUPPRESS)  # child mode
     args = parser.parse_args()
+    if args.compare:
+        if missing := [str(p) for p in args.compare if not p.is_file()]:
+            parser.error(f"no such file: {', '.join(missing)}")
+        for key, c in compare(*(json.loads(p.read_text()) for p in args.compare)).items():
+            print(f"{key}: {c['pooled'][0]:.3f} / {c['pooled'][1]:.3f}, difference {c['difference']:+.3f}; "
+                  f"a rerun's from the machine alone: SD {c['rerun_sd']:.3f} over {c['items']} {c['unit']}, "
+                  f"within 0.03 at 95% from {c['items_for_within']}")
+        return
+    if not args.out:
+        parser.error("--out is required")
     if args.one == "one_time_costs":
         args.out.write_text(json.dumps(one_time_costs()))
         return
