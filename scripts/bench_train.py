@@ -388,7 +388,7 @@ def compare(a: dict, b: dict, within: float = 0.03) -> dict:
     figures = {key: (a["ratios"][key], b["ratios"][key], "rounds") for key in a["ratios"] if key in b["ratios"]}
     figures |= {f"{n} evaluation/training": (a["configs"][n]["eval_over_train"], b["configs"][n]["eval_over_train"],
                                              f"passes of {a['eval_batches']} rounds")
-                for n in a["configs"] if "eval_over_train" in a["configs"][n] and n in b["configs"]}
+                for n in a["configs"] if "eval_over_train" in a["configs"][n] and "eval_over_train" in b["configs"].get(n, {})}
     out = {}
     for key, (x, y, unit) in figures.items():
         paired = np.log(np.asarray(x["rounds"]) / np.asarray(y["rounds"]))
@@ -421,7 +421,7 @@ def report(result: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, help="where the results go (JSON); required but with --compare")
+    parser.add_argument("--out", type=Path, help="where the results go (JSON); required except with --compare")
     parser.add_argument("--model", choices=list(MODELS), default="bench_llama")
     parser.add_argument("--steps", type=int, default=4, help="timed steps per configuration per round")
     parser.add_argument("--warmup", type=int, default=2)
