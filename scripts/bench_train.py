@@ -41,7 +41,8 @@ and pooled over all rounds (one configuration's time over the other's) with a 95
 over rounds: where the figure may land on as many other rounds (other batches too) on a machine as
 noisy. A rerun trains on the same batches, so it moves less: --compare pairs two runs round by
 round and says how far the machine alone moves each figure, and how many rounds keep a rerun
-within 0.03 of it.
+within 0.03 of it (on this 2-vCPU machine: the llm_rt job's spectrum/spectrum_padded run alone with
+`--only`, ~120 rounds, 15 minutes; docs/benchmarks.md).
 Evaluation over training is reported per pass over the eval split (its rounds' eval tokens/s over
 the same rounds' training tokens/s) and pooled likewise. Tokens are the rows' own tokens (no
 padding), the same count for every configuration. A step is forward + backward + AdamW step.
