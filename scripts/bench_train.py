@@ -422,7 +422,11 @@ def report(result: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, help="where the results go (JSON); required except with --compare")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--out", type=Path, help="where the results go (JSON)")
+    what.add_argument("--compare", nargs=2, type=Path, metavar=("A.json", "B.json"),
+                      help="two runs' results on the same batches: each pooled figure's difference, against "
+                           "how far the machine alone moves it (runs nothing)")
     parser.add_argument("--model", choices=list(MODELS), default="bench_llama")
     parser.add_argument("--steps", type=int, default=4, help="timed steps per configuration per round")
     parser.add_argument("--warmup", type=int, default=2)
@@ -431,12 +435,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=6, help="rounds")
     parser.add_argument("--memory", action="store_true", help="peak memory per configuration, fresh processes")
     parser.add_argument("--only", nargs="*", choices=sorted(CONFIGS), help="a subset of the configurations")
-    parser.add_argument("--compare", nargs=2, type=Path, metavar=("A.json", "B.json"),
-                        help="two runs' results on the same batches: each pooled figure's difference, against "
-                             "how far the machine alone moves it")
     parser.add_argument("--one", choices=sorted(CONFIGS | {"one_time_costs"}), help=argparse.SUPPRESS)  # child mode
     args = parser.parse_args()
     if args.compare:
+        if given := [o for o in ("--memory", "--only", "--one") if getattr(args, o[2:])]:
+            parser.error(f"--compare runs nothing: drop {' '.join(given)}")
         if missing := [str(p) for p in args.compare if not p.is_file()]:
             parser.error(f"no such file: {', '.join(missing)}")
         for key, c in compare(*(json.loads(p.read_text()) for p in args.compare)).items():
@@ -444,8 +447,6 @@ def main() -> None:
                   f"a rerun's from the machine alone: SD {c['rerun_sd']:.3f} over {c['items']} {c['unit']}, "
                   f"within 0.03 at 95% from {c['items_for_within']}")
         return
-    if not args.out:
-        parser.error("--out is required")
     if args.one == "one_time_costs":
         args.out.write_text(json.dumps(one_time_costs()))
         return
